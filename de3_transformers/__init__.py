@@ -1,0 +1,43 @@
+"""de3-transformers: DE3-BERT early exiting for Hugging Face Transformers.
+
+Importing the package registers the DE3 configs and models with `AutoConfig`, `AutoModel` and
+`AutoModelForSequenceClassification`, and marks them for `register_for_auto_class`, so a saved checkpoint also
+loads with `trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from .configuration_de3 import DE3BertConfig, DE3ConfigMixin, DE3RobertaConfig
+from .exit_policies import SimulatedExits, layer_speedup, simulate_early_exit
+from .modeling_de3 import (
+    DE3BertForSequenceClassification,
+    DE3EarlyExitOutput,
+    DE3RobertaForSequenceClassification,
+    DE3SequenceClassifierOutput,
+)
+
+
+__version__ = "0.1.0"
+
+for _config, _model in (
+    (DE3BertConfig, DE3BertForSequenceClassification),
+    (DE3RobertaConfig, DE3RobertaForSequenceClassification),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForSequenceClassification.register(_config, _model, exist_ok=True)
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "DE3BertConfig",
+    "DE3BertForSequenceClassification",
+    "DE3ConfigMixin",
+    "DE3EarlyExitOutput",
+    "DE3RobertaConfig",
+    "DE3RobertaForSequenceClassification",
+    "DE3SequenceClassifierOutput",
+    "SimulatedExits",
+    "layer_speedup",
+    "simulate_early_exit",
+]

@@ -1,0 +1,152 @@
+"""Configurations of the DE3 early-exit classifiers (METHOD.md sections 1 and 2)."""
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from transformers import BertConfig, RobertaConfig
+
+
+DISTANCES = ("cosine", "euclidean")
+DAR_TYPES = ("center", "alienation", "combined")
+
+
+@dataclass(kw_only=True)
+class DE3ConfigMixin:
+    r"""
+    The DE3 fields shared by [`DE3BertConfig`] and [`DE3RobertaConfig`]. Every field of the backbone config
+    (`BertConfig`, `RobertaConfig`) is accepted as well.
+
+    Args:
+        exit_layers (`list[int]`, *optional*):
+            The encoder layers (counted 1..`num_hidden_layers`) that carry an exit, strictly increasing and ending
+            with the last layer, which always answers. Defaults to every layer.
+        proto_dim (`int`, *optional*):
+            Output size of the prototypical networks `g_m`. Defaults to `hidden_size`.
+        prototype_momentum (`float`, *optional*, defaults to 0.5):
+            `gamma` of the sliding-average prototype update (METHOD.md eq. 1), in (0, 1].
+        distance (`str`, *optional*, defaults to `"cosine"`):
+            `"cosine"` (`1 - cos`) or `"euclidean"`; used by both the DAR loss and the exit signal.
+        dar_type (`str`, *optional*, defaults to `"center"`):
+            Distance-aware regularisation: `"center"` (eq. 2), `"alienation"` (eq. 3) or `"combined"` (eq. 4).
+        dar_alpha (`float`, *optional*, defaults to 0.01):
+            `alpha` of eq. 5, the weight of DAR beside cross-entropy (paper grid: 1e-4 .. 1e-1).
+        dar_beta (`float`, *optional*, defaults to 1.0):
+            `beta` of eq. 4, the weight of the alienation term in the combined DAR.
+        early_exit_threshold (`float`, *optional*, defaults to 0.2):
+            Default `threshold` of `predict_early`: a sample leaves at the first exit whose EDR is below it.
+            0 never exits early; above 1 always exits at the first exit.
+        early_exit_lambda (`float`, *optional*, defaults to 1.0):
+            Default `lam` of `predict_early` (eq. 11); 0 exits on entropy alone.
+    """
+
+    exit_layers: list[int] | None = None
+    proto_dim: int | None = None
+    prototype_momentum: float = 0.5
+    distance: str = "cosine"
+    dar_type: str = "center"
+    dar_alpha: float = 0.01
+    dar_beta: float = 1.0
+    early_exit_threshold: float = 0.2
+    early_exit_lambda: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.exit_layers is None:
+            self.exit_layers = list(range(1, self.num_hidden_layers + 1))
+        else:
+            self.exit_layers = [int(layer) for layer in self.exit_layers]
+        if self.proto_dim is None:
+            self.proto_dim = self.hidden_size
+        self.validate_de3()
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_layers)
+
+    def validate_de3(self) -> None:
+        """Checks the DE3 fields.
+
+        Raises:
+            ValueError: naming the field, the value and the accepted range.
+        """
+        if self.num_labels is None or self.num_labels < 2:
+            raise ValueError(
+                f"num_labels={self.num_labels}: DE3 is a classification method (its exits compare class "
+                "probabilities and class prototypes); use num_labels >= 2. For binary tasks use num_labels=2."
+            )
+        if self.problem_type not in (None, "single_label_classification"):
+            raise ValueError(
+                f"problem_type={self.problem_type!r} is not supported: DE3 models are single-label classifiers. "
+                "Leave problem_type unset or use 'single_label_classification'."
+            )
+        layers, depth = self.exit_layers, self.num_hidden_layers
+        if (
+            not layers
+            or any(b <= a for a, b in zip(layers, layers[1:]))
+            or layers[0] < 1
+            or layers[-1] != depth
+        ):
+            raise ValueError(
+                f"exit_layers={layers} is invalid for num_hidden_layers={depth}: give strictly increasing layer "
+                f"numbers in 1..{depth} ending with {depth} (the last layer always answers), or leave it unset "
+                "for an exit after every layer."
+            )
+        if self.proto_dim < 1:
+            raise ValueError(f"proto_dim={self.proto_dim} must be a positive integer (or unset for hidden_size).")
+        if not 0.0 < self.prototype_momentum <= 1.0:
+            raise ValueError(f"prototype_momentum={self.prototype_momentum} must lie in (0, 1] (the paper uses 0.5).")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance={self.distance!r} is unknown; choose one of {DISTANCES}.")
+        if self.dar_type not in DAR_TYPES:
+            raise ValueError(f"dar_type={self.dar_type!r} is unknown; choose one of {DAR_TYPES}.")
+        for name in ("dar_alpha", "dar_beta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value} must be a finite number >= 0.")
+        check_exit_parameters(self.early_exit_threshold, self.early_exit_lambda)
+
+
+def check_exit_parameters(threshold: float, lam: float) -> None:
+    """Checks an exit threshold and the EDR lambda.
+
+    Raises:
+        ValueError: if either is not a finite number >= 0 (NaN included).
+    """
+    for name, value in (("threshold", threshold), ("lam", lam)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"{name}={value!r} is out of range: it must be a finite number >= 0 "
+                "(threshold 0 never exits early, a threshold above 1 always exits at the first exit; "
+                "lam 0 exits on entropy alone, the paper searches lam in [0, 10])."
+            )
+
+
+class DE3BertConfig(DE3ConfigMixin, BertConfig):
+    r"""
+    Configuration of [`DE3BertForSequenceClassification`]: a [`BertConfig`] plus the DE3 fields of
+    [`DE3ConfigMixin`].
+
+    Example:
+
+    ```python
+    >>> from de3_transformers import DE3BertConfig
+    >>> config = DE3BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    >>> config.exit_layers
+    [1, 2, 3, 4]
+    ```
+    """
+
+    model_type = "de3_bert"
+
+
+class DE3RobertaConfig(DE3ConfigMixin, RobertaConfig):
+    r"""
+    Configuration of [`DE3RobertaForSequenceClassification`]: a [`RobertaConfig`] plus the DE3 fields of
+    [`DE3ConfigMixin`].
+    """
+
+    model_type = "de3_roberta"
+
+
+__all__ = ["DE3BertConfig", "DE3ConfigMixin", "DE3RobertaConfig", "check_exit_parameters"]

@@ -1,0 +1,426 @@
+"""DE3 early-exit sequence classifiers for BERT and RoBERTa (METHOD.md sections 1, 2 and 6).
+
+The backbone is reused as it is (`BertModel` / `RobertaModel`, by composition); this module adds an exit after the
+chosen encoder layers, one prototypical network per exit below the top, the class prototypes, the DE3 loss and
+`predict_early`, which runs layer by layer and drops samples from the batch as they leave.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import BertModel, BertPreTrainedModel, RobertaModel, RobertaPreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import ModelOutput, logging
+
+from .configuration_de3 import DE3BertConfig, DE3RobertaConfig, check_exit_parameters
+from .exit_policies import de3_should_exit, layer_speedup
+from .losses import distance_aware_regularization, layer_weighted_loss
+from .prototypes import PrototypeMemory
+from .signals import distance_ratio, normalized_entropy
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class DE3SequenceClassifierOutput(ModelOutput):
+    r"""
+    Output of a DE3 model's forward pass.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, returned when `labels` is given):
+            Layer-weighted DE3 loss, `ce_loss + dar_alpha * dar_loss` (METHOD.md eq. 7).
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Logits of the last exit (the ordinary classifier).
+        exit_logits (`torch.FloatTensor` of shape `(num_exits, batch_size, num_labels)`):
+            Logits of every exit, in `config.exit_layers` order.
+        entropy (`torch.FloatTensor` of shape `(num_exits - 1, batch_size)`, with `output_exit_signals=True`):
+            Normalised entropy of each exit below the top (eq. 8).
+        distance_ratio (`torch.FloatTensor` of shape `(num_exits - 1, batch_size)`, with `output_exit_signals=True`):
+            Normalised distance ratio of each exit below the top (eq. 10); `None` while some prototype is
+            uninitialised.
+        ce_loss (`torch.FloatTensor`, with `labels` and `output_exit_signals=True`):
+            Layer-weighted cross-entropy part of `loss`.
+        dar_loss (`torch.FloatTensor`, with `labels` and `output_exit_signals=True`):
+            Layer-weighted DAR part of `loss`, before multiplying by `dar_alpha`.
+        hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states=True`):
+            Embedding output and the output of every encoder layer.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    exit_logits: torch.FloatTensor | None = None
+    entropy: torch.FloatTensor | None = None
+    distance_ratio: torch.FloatTensor | None = None
+    ce_loss: torch.FloatTensor | None = None
+    dar_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class DE3EarlyExitOutput(ModelOutput):
+    r"""
+    Output of `predict_early`.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Logits of the exit each sample left at.
+        exit_layers (`torch.LongTensor` of shape `(batch_size,)`):
+            Encoder layer (1..`num_hidden_layers`) each sample left at.
+        speedup (`float`):
+            Layer speed-up over the batch, `M * N / sum(exit_layers)` (METHOD.md eq. 12).
+    """
+
+    logits: torch.FloatTensor | None = None
+    exit_layers: torch.LongTensor | None = None
+    speedup: float | None = None
+
+
+class DE3ModelMixin:
+    """Everything DE3 adds to a backbone `PreTrainedModel`; the concrete classes only build the backbone."""
+
+    # The loss is a mean over the batch; the Trainer must scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    def _build_exits(self, config) -> None:
+        config.validate_de3()  # fields may have been changed after the config was built
+        hidden, labels, depth = config.hidden_size, config.num_labels, config.num_exits - 1
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.exit_classifiers = nn.ModuleList(nn.Linear(hidden, labels) for _ in range(depth))
+        self.classifier = nn.Linear(hidden, labels)  # the last exit, named as in `BertForSequenceClassification`
+        self.prototype_networks = nn.ModuleList(nn.Linear(hidden, config.proto_dim) for _ in range(depth))
+        self.prototype_memory = PrototypeMemory(depth, labels, config.proto_dim)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, PrototypeMemory):
+            init.zeros_(module.prototypes)
+            init.zeros_(module.initialized)
+
+    # The steps below are shared by `forward` and `predict_early`, so both compute exactly the same thing.
+
+    def _embed(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
+        hidden = self.backbone.embeddings(
+            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )
+        # Built once in the form the attention implementation wants; compaction then only selects its rows.
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        return hidden, mask
+
+    @staticmethod
+    def _run_layer(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
+        output = layer(hidden, attention_mask=mask)
+        return output[0] if isinstance(output, tuple) else output
+
+    def _exit(self, exit_index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and prototypical features (`None` at the last exit) of one exit (METHOD.md section 1)."""
+        pooled = self.backbone.pooler(hidden)  # the shared pooler, z^(m)
+        if exit_index == self.config.num_exits - 1:
+            return self.classifier(self.dropout(pooled)), None
+        logits = self.exit_classifiers[exit_index](self.dropout(pooled))
+        return logits, self.prototype_networks[exit_index](pooled)
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds=None) -> None:
+        main = input_ids if input_ids is not None else inputs_embeds
+        if main is None:
+            raise ValueError("Pass input_ids (or inputs_embeds to forward).")
+        if main.dim() != (2 if input_ids is not None else 3) or main.shape[0] == 0 or main.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be a non-empty [batch_size, sequence_length] tensor, got shape {tuple(main.shape)}."
+            )
+        if main.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence length {main.shape[1]} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; tokenize with truncation=True, "
+                f"max_length={self.config.max_position_embeddings}."
+            )
+        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                             ("token_type_ids", token_type_ids), ("inputs_embeds", inputs_embeds)):
+            if tensor is None:
+                continue
+            if name in ("attention_mask", "token_type_ids") and tensor.shape != main.shape[:2]:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; it must match input_ids {tuple(main.shape[:2])}.")
+            if tensor.device != self.device:
+                raise ValueError(
+                    f"{name} is on {tensor.device} but the model is on {self.device}; move the inputs with "
+                    f"`.to(model.device)` (or the model with `model.to({str(tensor.device)!r})`)."
+                )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_exit_signals: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> DE3SequenceClassifierOutput | tuple:
+        r"""
+        Runs every layer and every exit.
+
+        With `labels`, returns the DE3 loss (cross-entropy at every exit plus `dar_alpha` times DAR, weighted by
+        depth), and in training mode then updates the prototypes with the batch's class means (after the loss is
+        computed, so the loss sees the prototypes as they were before this batch).
+
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class indices in `[0, num_labels)`.
+            output_exit_signals (`bool`, *optional*):
+                Also return `entropy`, `distance_ratio` and the loss parts.
+
+        Raises:
+            ValueError: for inputs of the wrong shape or device, or labels out of range.
+        """
+        self._check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        exit_set = {layer: index for index, layer in enumerate(config.exit_layers)}
+
+        hidden, mask = self._embed(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        all_hidden = [hidden] if output_hidden_states else None
+        exit_logits, features = [], []
+        for layer_number, layer in enumerate(self.backbone.encoder.layer, start=1):
+            hidden = self._run_layer(layer, hidden, mask)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            if layer_number in exit_set:
+                logits, feature = self._exit(exit_set[layer_number], hidden)
+                exit_logits.append(logits)
+                if feature is not None:
+                    features.append(feature)
+        exit_logits = torch.stack(exit_logits)
+        features = torch.stack(features) if features else exit_logits.new_zeros(0, exit_logits.shape[1], config.proto_dim)
+        memory = self.prototype_memory
+
+        output = DE3SequenceClassifierOutput(
+            logits=exit_logits[-1],
+            exit_logits=exit_logits,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+        if labels is not None:
+            labels = labels.view(-1).to(exit_logits.device)
+            if labels.dtype.is_floating_point or ((labels < 0) | (labels >= config.num_labels)).any():
+                raise ValueError(
+                    f"labels must be integer class indices in [0, {config.num_labels}); got {labels.tolist()[:8]}"
+                    " (first values). Map your labels with config.label2id."
+                )
+            # Cloned: the prototypes are updated in place below, after autograd has saved them for backward.
+            prototypes = memory.prototypes.detach().clone()
+            dar = distance_aware_regularization(
+                features, labels, prototypes, memory.initialized.clone(),
+                config.distance, config.dar_type, config.dar_beta,
+            )
+            parts = layer_weighted_loss(exit_logits, labels, dar, config.exit_layers, config.dar_alpha)
+            output.loss = parts.loss
+            if output_exit_signals:
+                output.ce_loss, output.dar_loss = parts.ce_loss.detach(), parts.dar_loss.detach()
+        if output_exit_signals:
+            with torch.no_grad():
+                output.entropy = normalized_entropy(exit_logits[:-1])
+                if memory.all_initialized:
+                    output.distance_ratio = distance_ratio(
+                        exit_logits[:-1], features, memory.prototypes, config.distance
+                    )
+        if labels is not None and self.training and features.shape[0] > 0:
+            sums, counts = memory.class_statistics(features, labels, config.num_labels)
+            memory.update(sums, counts, config.prototype_momentum)
+        return output if return_dict else output.to_tuple()
+
+    def _require_prototypes(self) -> None:
+        missing = self.prototype_memory.uninitialized_pairs()
+        if missing:
+            layers = self.config.exit_layers
+            described = ", ".join(f"(layer {layers[m]}, class {k})" for m, k in missing[:6])
+            raise RuntimeError(
+                f"Prototypes are not initialised for {len(missing)} (exit, class) pairs: {described}"
+                f"{', ...' if len(missing) > 6 else ''}. Fine-tune the model first (DE3 training sets them from "
+                "labelled batches in train mode: Trainer, or model.train(); model(**batch, labels=labels)), "
+                "or exit on entropy alone with lam=0."
+            )
+
+    @torch.inference_mode()
+    def predict_early(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        threshold: float | None = None,
+        lam: float | None = None,
+    ) -> DE3EarlyExitOutput:
+        """Classifies with early exit: each sample leaves at the first exit whose EDR is below `threshold`.
+
+        Runs the encoder layer by layer and removes the samples that left from the batch before the next layer,
+        so each sample costs only the layers it used, at any batch size. Dropout is off while it runs (the model's
+        train/eval mode is restored afterwards).
+
+        Args:
+            input_ids: `[batch_size, sequence_length]`, on the model's device.
+            attention_mask, token_type_ids: as for `forward`.
+            threshold: exit when `EDR < threshold`; defaults to `config.early_exit_threshold`. 0 runs the full model.
+            lam: EDR's lambda (eq. 11); defaults to `config.early_exit_lambda`. 0 exits on entropy alone.
+
+        Returns:
+            [`DE3EarlyExitOutput`] with `logits`, `exit_layers` and `speedup`.
+
+        Raises:
+            ValueError: for a threshold or lambda that is negative, infinite or NaN; inputs of the wrong shape or
+                device; a row with no attended token.
+            RuntimeError: when `lam > 0` and some prototype was never initialised (the model was not trained).
+        """
+        config = self.config
+        threshold = config.early_exit_threshold if threshold is None else threshold
+        lam = config.early_exit_lambda if lam is None else lam
+        check_exit_parameters(threshold, lam)
+        self._check_inputs(input_ids, attention_mask, token_type_ids)
+        if attention_mask is not None and not attention_mask.any(dim=-1).all():
+            empty = (~attention_mask.any(dim=-1)).nonzero().flatten().tolist()
+            raise ValueError(f"Rows {empty[:8]} of attention_mask attend to no token; drop them or fix the mask.")
+        if lam > 0:
+            self._require_prototypes()
+
+        was_training = self.training
+        self.eval()
+        try:
+            return self._predict_early(input_ids, attention_mask, token_type_ids, threshold, lam)
+        finally:
+            self.train(was_training)
+
+    def _predict_early(self, input_ids, attention_mask, token_type_ids, threshold, lam) -> DE3EarlyExitOutput:
+        config, memory = self.config, self.prototype_memory
+        exit_set = {layer: index for index, layer in enumerate(config.exit_layers)}
+        last_exit = config.num_exits - 1
+
+        hidden, mask = self._embed(input_ids, attention_mask, token_type_ids, None, None)
+        batch = input_ids.shape[0]
+        out_logits = hidden.new_empty(batch, config.num_labels)
+        out_layers = torch.full((batch,), config.num_hidden_layers, dtype=torch.long, device=hidden.device)
+        active = torch.arange(batch, device=hidden.device)  # original row of each sample still running
+
+        for layer_number, layer in enumerate(self.backbone.encoder.layer, start=1):
+            hidden = self._run_layer(layer, hidden, mask)
+            if layer_number not in exit_set:
+                continue
+            exit_index = exit_set[layer_number]
+            logits, features = self._exit(exit_index, hidden)
+            if exit_index == last_exit:
+                out_logits[active] = logits.to(out_logits.dtype)
+                out_layers[active] = layer_number
+                break
+            ratio = None
+            if lam > 0:
+                ratio = distance_ratio(logits, features, memory.prototypes[exit_index], config.distance)
+            leave = de3_should_exit(normalized_entropy(logits), ratio, threshold, lam)
+            leaving = leave.nonzero().flatten()  # the one host synchronisation per exit
+            if leaving.numel() == 0:
+                continue
+            out_logits[active[leaving]] = logits[leaving].to(out_logits.dtype)
+            out_layers[active[leaving]] = layer_number
+            if leaving.numel() == active.numel():
+                break
+            staying = (~leave).nonzero().flatten()
+            active, hidden = active[staying], hidden[staying]
+            if mask is not None:
+                mask = mask[staying]
+
+        return DE3EarlyExitOutput(
+            logits=out_logits, exit_layers=out_layers, speedup=layer_speedup(out_layers, config.num_hidden_layers)
+        )
+
+    @classmethod
+    def from_backbone(cls, pretrained_model_name_or_path, num_labels: int = 2, **kwargs):
+        """Starts a DE3 model from a plain pretrained backbone checkpoint (e.g. `bert-base-uncased`, MiniLM).
+
+        The backbone weights are loaded; the exit heads, prototypical networks and prototypes are freshly
+        initialised, and a warning lists them. Keyword arguments that are config fields (the DE3 options such
+        as `dar_alpha`, `exit_layers`, `distance`, or backbone fields such as `hidden_dropout_prob`) go to the
+        config; the rest (`dtype`, `attn_implementation`, `local_files_only`, ...) go to `from_pretrained`.
+
+        Raises:
+            ValueError: if the checkpoint is not of this class's backbone architecture, or a DE3 option is invalid.
+        """
+        from transformers import AutoConfig
+
+        config_class = cls.config_class
+        config_fields = {field.name for field in dataclasses.fields(config_class)} | {"id2label", "label2id"}
+        config_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in config_fields}
+        loading_keys = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
+        backbone_config = AutoConfig.from_pretrained(
+            pretrained_model_name_or_path, **{key: kwargs[key] for key in loading_keys if key in kwargs}
+        )
+        backbone_type = cls.base_model_prefix  # "bert" / "roberta", also the backbone's model_type
+        if backbone_config.model_type != backbone_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a {backbone_config.model_type!r} checkpoint but {cls.__name__} "
+                f"needs a {backbone_type!r} one. To reload a saved DE3 model use from_pretrained."
+            )
+        values = {
+            key: value
+            for key, value in backbone_config.to_dict().items()
+            if key not in ("model_type", "architectures", "transformers_version", "id2label", "label2id")
+        }
+        if "id2label" not in config_kwargs:
+            values["num_labels"] = num_labels
+        config = config_class(**{**values, **config_kwargs})
+        model, info = cls.from_pretrained(
+            pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
+        )
+        fresh = sorted({key.split(".")[0] for key in info["missing_keys"]})
+        logger.warning(
+            f"{cls.__name__}: backbone weights loaded from {pretrained_model_name_or_path}. Freshly initialised, to "
+            f"be trained before use: {', '.join(fresh) or 'nothing'} "
+            f"({len(info['missing_keys'])} tensors). Prototypes start uninitialised and are set by training batches."
+        )
+        return model
+
+
+class DE3BertForSequenceClassification(DE3ModelMixin, BertPreTrainedModel):
+    """BERT with an exit after every layer of `config.exit_layers` and DE3 prototypes ([`DE3BertConfig`])."""
+
+    config_class = DE3BertConfig
+    config: DE3BertConfig
+
+    def __init__(self, config: DE3BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=True)
+        self._build_exits(config)
+        self.post_init()
+
+
+class DE3RobertaForSequenceClassification(DE3ModelMixin, RobertaPreTrainedModel):
+    """RoBERTa with an exit after every layer of `config.exit_layers` and DE3 prototypes ([`DE3RobertaConfig`]).
+
+    The exits read RoBERTa's own pooler (dense + tanh on `<s>`), the same head shape as BERT's (METHOD.md section 1).
+    """
+
+    config_class = DE3RobertaConfig
+    config: DE3RobertaConfig
+
+    def __init__(self, config: DE3RobertaConfig):
+        super().__init__(config)
+        self.roberta = RobertaModel(config, add_pooling_layer=True)
+        self._build_exits(config)
+        self.post_init()
+
+
+__all__ = [
+    "DE3BertForSequenceClassification",
+    "DE3EarlyExitOutput",
+    "DE3ModelMixin",
+    "DE3RobertaForSequenceClassification",
+    "DE3SequenceClassifierOutput",
+]

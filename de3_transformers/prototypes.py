@@ -1,0 +1,58 @@
+"""Class prototypes of DE3-BERT and their sliding-average update (METHOD.md section 2, eq. 1)."""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class PrototypeMemory(nn.Module):
+    """Holds `prototypes` `[num_exits - 1, K, proto_dim]` and `initialized` `[num_exits - 1, K]` (bool).
+
+    Both are persistent buffers, so they are saved in `model.safetensors` beside the weights and restored bit for
+    bit by `from_pretrained`. They change only through [`update`], never by gradient.
+    """
+
+    def __init__(self, num_memories: int, num_labels: int, proto_dim: int):
+        super().__init__()
+        self.register_buffer("prototypes", torch.zeros(num_memories, num_labels, proto_dim))
+        self.register_buffer("initialized", torch.zeros(num_memories, num_labels, dtype=torch.bool))
+
+    @property
+    def all_initialized(self) -> bool:
+        return bool(self.initialized.all())
+
+    @staticmethod
+    @torch.no_grad()
+    def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels: int):
+        """Per-class sums of `features` `[E, B, P]` (float32, `[E, K, P]`) and class counts (`[K]`) of one batch."""
+        one_hot = F.one_hot(labels, num_labels).float()
+        return torch.einsum("ebp,bk->ekp", features.detach().float(), one_hot), one_hot.sum(dim=0)
+
+    @torch.no_grad()
+    def update(self, class_sums: torch.Tensor, class_counts: torch.Tensor, momentum: float) -> None:
+        """`cp_k <- (1 - gamma) cp_k + gamma c_k` with `c_k` the class mean of the batch (METHOD.md eq. 1).
+
+        A class absent from the batch keeps its prototype; the first observation of a class sets it to `c_k`.
+        Under `torch.distributed` the sums and counts are all-reduced first, so every process forms the same
+        centroids and holds identical prototypes.
+        """
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            class_sums, class_counts = class_sums.clone(), class_counts.clone()
+            dist.all_reduce(class_sums)
+            dist.all_reduce(class_counts)
+        present = class_counts > 0
+        centroids = class_sums / class_counts.clamp_min(1.0)[None, :, None]
+        previous = self.prototypes.float()
+        blended = torch.where(
+            self.initialized[..., None], (1.0 - momentum) * previous + momentum * centroids, centroids
+        )
+        self.prototypes.copy_(torch.where(present[None, :, None], blended, previous))
+        self.initialized |= present[None, :]
+
+    def uninitialized_pairs(self) -> list[tuple[int, int]]:
+        """`(memory index, class)` pairs that no training batch has set yet."""
+        return [tuple(pair) for pair in (~self.initialized).nonzero().tolist()]
+
+
+__all__ = ["PrototypeMemory"]

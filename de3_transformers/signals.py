@@ -1,0 +1,114 @@
+"""Exit-signal formulas of DE3-BERT (METHOD.md section 2, eqs. 8-11), shared by training, compact inference and
+simulated inference.
+
+Every function broadcasts over leading dimensions, so the same code scores one exit's active samples
+(`[B, ...]`) and all exits of a full forward at once (`[num_exits, B, ...]`). Everything is computed in float32
+whatever the model's dtype, so fp16/bf16 models give the same finite signals.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of `softmax(logits)` divided by `log K` (METHOD.md eq. 8), in [0, 1].
+
+    Args:
+        logits: `[..., K]` with `K >= 2`.
+
+    Returns:
+        `[...]` float32; a class with probability 0 contributes 0 (no NaN).
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return (entropy / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+
+
+def _norm(vectors: torch.Tensor, min_square: float = _TINY) -> torch.Tensor:
+    # sqrt of a clamped square: finite value and gradient at the zero vector, where `vector_norm`'s gradient is NaN.
+    return vectors.square().sum(dim=-1).clamp_min(min_square).sqrt()
+
+
+def prototype_distances(features: torch.Tensor, prototypes: torch.Tensor, distance: str) -> torch.Tensor:
+    """Distance of every sample to every class prototype.
+
+    Args:
+        features: `[..., B, P]`, the prototypical network outputs `x`.
+        prototypes: `[..., K, P]`, the class prototypes `cp_k` (same leading dimensions).
+        distance: `"cosine"` (`1 - cos`, in [0, 2]; a zero vector is at distance 1) or `"euclidean"`.
+
+    Returns:
+        `[..., B, K]` float32.
+
+    Raises:
+        ValueError: for an unknown `distance`.
+    """
+    features, prototypes = features.float(), prototypes.float()
+    if distance == "cosine":
+        # Norms floored at 1e-8 as in `F.cosine_similarity`, which keeps the gradient at a zero vector bounded.
+        unit_x = features / _norm(features, 1e-16).unsqueeze(-1)
+        unit_c = prototypes / _norm(prototypes, 1e-16).unsqueeze(-1)
+        return 1.0 - unit_x @ unit_c.transpose(-1, -2)
+    if distance == "euclidean":
+        return _norm(features.unsqueeze(-2) - prototypes.unsqueeze(-3))
+    raise ValueError(f"distance={distance!r} is unknown; choose 'cosine' or 'euclidean'.")
+
+
+def normalized_ratio(near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+    """`0.5 * (1 + (near - far) / max(near, far))` for non-negative distances, in [0, 1]; 0.5 when both are 0.
+
+    The form of the distance ratio (METHOD.md eq. 10) and of the alienation loss (eq. 3).
+    """
+    largest = torch.maximum(near, far)
+    ratio = torch.where(largest > 0, (near - far) / largest.clamp_min(_TINY), torch.zeros_like(largest))
+    return 0.5 * (1.0 + ratio)
+
+
+def distance_ratio(
+    logits: torch.Tensor, features: torch.Tensor, prototypes: torch.Tensor, distance: str
+) -> torch.Tensor:
+    """Normalised distance ratio `DR` (METHOD.md eq. 10) between the two most probable classes, in [0, 1].
+
+    Args:
+        logits: `[..., B, K]` exit logits, which pick the top-2 classes `k1, k2`.
+        features: `[..., B, P]`.
+        prototypes: `[..., K, P]`.
+        distance: see [`prototype_distances`].
+
+    Returns:
+        `[..., B]` float32.
+    """
+    distances = prototype_distances(features, prototypes, distance)
+    top2 = logits.topk(2, dim=-1).indices
+    nearest = distances.gather(-1, top2)
+    return normalized_ratio(nearest[..., 0], nearest[..., 1])
+
+
+def hybrid_indicator(entropy: torch.Tensor, ratio: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """EDR, the weighted harmonic mean of entropy and distance ratio (METHOD.md eq. 11), in [0, 1].
+
+    `EDR = (lam + 1) / (lam / DR + 1 / E)`, written as `(lam + 1) E DR / (lam E + DR)` so that it is 0, its limit,
+    when `E = 0` or `DR = 0`. `lam = 0` returns the entropy itself, and `ratio` may then be `None`.
+    """
+    if lam == 0:
+        return entropy
+    denominator = lam * entropy + ratio
+    return torch.where(
+        denominator > 0,
+        (lam + 1.0) * entropy * ratio / denominator.clamp_min(_TINY),
+        torch.zeros_like(denominator),
+    )
+
+
+__all__ = [
+    "distance_ratio",
+    "hybrid_indicator",
+    "normalized_entropy",
+    "normalized_ratio",
+    "prototype_distances",
+]
