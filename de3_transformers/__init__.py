@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .configuration_de3 import DE3BertConfig, DE3ConfigMixin, DE3RobertaConfig
 from .exit_policies import SimulatedExits, layer_speedup, simulate_early_exit
+from .trainer import DE3Trainer, DE3TrainingArguments
 from .modeling_de3 import (
     DE3BertForSequenceClassification,
     DE3EarlyExitOutput,
@@ -37,6 +38,8 @@ __all__ = [
     "DE3RobertaConfig",
     "DE3RobertaForSequenceClassification",
     "DE3SequenceClassifierOutput",
+    "DE3Trainer",
+    "DE3TrainingArguments",
     "SimulatedExits",
     "layer_speedup",
     "simulate_early_exit",

@@ -237,8 +237,7 @@ class DE3ModelMixin:
                         exit_logits[:-1], features, memory.prototypes, config.distance
                     )
         if labels is not None and self.training and features.shape[0] > 0:
-            sums, counts = memory.class_statistics(features, labels, config.num_labels)
-            memory.update(sums, counts, config.prototype_momentum)
+            memory.observe(features, labels, config.prototype_momentum)
         return output if return_dict else output.to_tuple()
 
     def _require_prototypes(self) -> None:

@@ -17,6 +17,11 @@ class PrototypeMemory(nn.Module):
         super().__init__()
         self.register_buffer("prototypes", torch.zeros(num_memories, num_labels, proto_dim))
         self.register_buffer("initialized", torch.zeros(num_memories, num_labels, dtype=torch.bool))
+        # With `defer_updates` (set by `DE3Trainer` for the length of training), batches only add their statistics
+        # here and `apply_pending` updates once per optimizer step. Plain attributes, not buffers: never saved, and
+        # never broadcast by DDP.
+        self.defer_updates = False
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def all_initialized(self) -> bool:
@@ -28,6 +33,25 @@ class PrototypeMemory(nn.Module):
         """Per-class sums of `features` `[E, B, P]` (float32, `[E, K, P]`) and class counts (`[K]`) of one batch."""
         one_hot = F.one_hot(labels, num_labels).float()
         return torch.einsum("ebp,bk->ekp", features.detach().float(), one_hot), one_hot.sum(dim=0)
+
+    @torch.no_grad()
+    def observe(self, features: torch.Tensor, labels: torch.Tensor, momentum: float) -> None:
+        """Takes a labelled training batch's features `[E, B, P]`: updates now, or holds them with `defer_updates`."""
+        sums, counts = self.class_statistics(features, labels, self.prototypes.shape[1])
+        if not self.defer_updates:
+            self.update(sums, counts, momentum)
+        elif self._pending is None:
+            self._pending = (sums, counts)
+        else:
+            self._pending = (self._pending[0] + sums, self._pending[1] + counts)
+
+    @torch.no_grad()
+    def apply_pending(self, momentum: float) -> None:
+        """Updates from all statistics held since the last call (one optimizer step's micro-batches)."""
+        if self._pending is not None:
+            sums, counts = self._pending
+            self._pending = None
+            self.update(sums, counts, momentum)
 
     @torch.no_grad()
     def update(self, class_sums: torch.Tensor, class_counts: torch.Tensor, momentum: float) -> None:

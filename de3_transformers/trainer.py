@@ -1,0 +1,171 @@
+"""`DE3Trainer`: the stock `transformers.Trainer` with the DE3 objective's bookkeeping (METHOD.md section 2).
+
+The loss itself comes from the model's forward (cross-entropy at every exit plus `dar_alpha` times DAR, weighted by
+depth). The trainer adds what a `Trainer` cannot know about:
+- prototypes are updated once per optimizer step, from the class statistics of every micro-batch of the step
+  (gradient accumulation) and of every process (all-reduced under DDP);
+- the loss parts and the accuracy of every exit are logged to the usual loggers;
+- evaluation reports, beside the task metrics of the full model, the accuracy of every exit alone and the accuracy
+  and layer speed-up of early exit at the configured threshold and lambda, from the same single evaluation pass.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+from .configuration_de3 import check_exit_parameters
+from .exit_policies import simulate_early_exit
+
+
+logger = logging.get_logger(__name__)
+
+# Per-batch scalars the evaluation loop must not try to concatenate as predictions.
+_NOT_PREDICTIONS = ["ce_loss", "dar_loss", "hidden_states"]
+
+
+@dataclass
+class DE3TrainingArguments(TrainingArguments):
+    """[`TrainingArguments`] plus the early-exit evaluation settings of [`DE3Trainer`].
+
+    Args:
+        eval_early_exit (`bool`, defaults to `True`):
+            Report early-exit accuracy and layer speed-up, and the accuracy of every exit, at evaluation.
+        eval_threshold (`float`, *optional*):
+            Threshold for the early-exit evaluation; defaults to the model's `config.early_exit_threshold`.
+        eval_lambda (`float`, *optional*):
+            EDR lambda for the early-exit evaluation; defaults to the model's `config.early_exit_lambda`.
+
+    Raises:
+        ValueError: for a threshold or lambda that is negative, infinite or NaN.
+    """
+
+    eval_early_exit: bool = field(default=True, metadata={"help": "Report early-exit metrics at evaluation."})
+    eval_threshold: float | None = field(default=None, metadata={"help": "Early-exit threshold for evaluation."})
+    eval_lambda: float | None = field(default=None, metadata={"help": "EDR lambda for evaluation."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_exit_parameters(
+            0.0 if self.eval_threshold is None else self.eval_threshold,
+            0.0 if self.eval_lambda is None else self.eval_lambda,
+        )
+
+
+class PrototypeUpdateCallback(TrainerCallback):
+    """Holds prototype statistics during each optimizer step and applies them once it is taken."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.prototype_memory.defer_updates = True
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        model.prototype_memory.apply_pending(model.config.prototype_momentum)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.prototype_memory.apply_pending(model.config.prototype_momentum)
+        model.prototype_memory.defer_updates = False
+
+
+class DE3Trainer(Trainer):
+    """A [`Trainer`] for DE3 models ([`DE3BertForSequenceClassification`], [`DE3RobertaForSequenceClassification`]).
+
+    Use it as the stock `Trainer`; `args` may be [`DE3TrainingArguments`] (plain `TrainingArguments` work with the
+    defaults). `compute_metrics`, if given, is applied to the full model's predictions and, prefixed
+    `early_exit_`, to the early-exit predictions.
+
+    Raises:
+        TypeError: if the model is not a DE3 model.
+    """
+
+    def __init__(self, model=None, args=None, *trainer_args, compute_metrics=None, **kwargs):
+        if model is not None and not hasattr(model, "prototype_memory"):
+            raise TypeError(
+                f"DE3Trainer trains DE3 models, got {type(model).__name__}. Build one with "
+                "DE3BertForSequenceClassification.from_backbone(...) or AutoModelForSequenceClassification with a "
+                "DE3 config."
+            )
+        super().__init__(model, args, *trainer_args, compute_metrics=self._compute_de3_metrics, **kwargs)
+        self.task_metrics = compute_metrics
+        self.add_callback(PrototypeUpdateCallback())
+        self._running_parts: dict[str, torch.Tensor] = {}
+        self._running_batches = 0
+
+    # Training
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**{**inputs, "output_exit_signals": True})
+        if model.training and "labels" in inputs:
+            self._accumulate_parts(outputs, inputs["labels"])
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    @torch.no_grad()
+    def _accumulate_parts(self, outputs, labels) -> None:
+        exit_layers = self.accelerator.unwrap_model(self.model).config.exit_layers
+        correct = (outputs.exit_logits.argmax(-1) == labels.view(1, -1)).float().mean(dim=1)
+        parts = {"ce_loss": outputs.ce_loss, "dar_loss": outputs.dar_loss}
+        parts.update({f"exit_{layer}_accuracy": correct[index] for index, layer in enumerate(exit_layers)})
+        for name, value in parts.items():
+            self._running_parts[name] = self._running_parts.get(name, 0.0) + value.detach().float()
+        self._running_batches += 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # Training logs (they carry "loss") get the mean of each part since the last log, averaged over processes.
+        if "loss" in logs and self._running_batches:
+            names = sorted(self._running_parts)
+            means = torch.stack([self._running_parts[name] for name in names]) / self._running_batches
+            means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+            logs = {**logs, **{name: round(value, 4) for name, value in zip(names, means.tolist())}}
+            self._running_parts, self._running_batches = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    # Evaluation
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        ignore_keys = _NOT_PREDICTIONS + list(ignore_keys or [])
+        loss, predictions, labels = super().prediction_step(
+            model, {**inputs, "output_exit_signals": True}, prediction_loss_only, ignore_keys=ignore_keys
+        )
+        if predictions is not None:
+            # The model returns exit outputs exit-first; the evaluation loop concatenates along dim 0, the batch.
+            logits, *exit_first = predictions
+            predictions = (logits, *(tensor.transpose(0, 1) for tensor in exit_first))
+        return loss, predictions, labels
+
+    def _compute_de3_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
+        config = self.accelerator.unwrap_model(self.model).config
+        logits, exit_logits, entropy, *ratio = (torch.as_tensor(array) for array in prediction.predictions)
+        labels = torch.as_tensor(prediction.label_ids)
+        metrics = self._task_metrics(logits, labels, prefix="")
+        if not getattr(self.args, "eval_early_exit", True):
+            return metrics
+        exit_logits, entropy = exit_logits.transpose(0, 1), entropy.transpose(0, 1)
+        ratio = ratio[0].transpose(0, 1) if ratio else None
+        for index, layer in enumerate(config.exit_layers):
+            metrics[f"exit_{layer}_accuracy"] = _accuracy(exit_logits[index], labels)
+        threshold = getattr(self.args, "eval_threshold", None)
+        lam = getattr(self.args, "eval_lambda", None)
+        threshold = config.early_exit_threshold if threshold is None else threshold
+        lam = config.early_exit_lambda if lam is None else lam
+        if ratio is None and lam > 0:
+            logger.warning("Early-exit metrics skipped: some prototypes are not initialised yet (train first).")
+            return metrics
+        exits = simulate_early_exit(exit_logits, entropy, ratio, config.exit_layers, threshold, lam)
+        metrics.update(self._task_metrics(exits.logits, labels, prefix="early_exit_"))
+        metrics["early_exit_speedup"] = exits.speedup
+        return metrics
+
+    def _task_metrics(self, logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, float]:
+        metrics = {f"{prefix}accuracy": _accuracy(logits, labels)}
+        if self.task_metrics is not None:
+            task = self.task_metrics(EvalPrediction(predictions=logits.numpy(), label_ids=labels.numpy()))
+            metrics.update({f"{prefix}{name}": value for name, value in task.items()})
+        return metrics
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(np.mean((logits.argmax(-1) == labels).numpy()))
+
+
+__all__ = ["DE3Trainer", "DE3TrainingArguments", "PrototypeUpdateCallback"]
