@@ -74,4 +74,106 @@ def load_vader_movie_reviews(cache_dir=None, seed: int = 42) -> datasets.Dataset
     return datasets.DatasetDict(train=first["train"], validation=held_out["train"], test=held_out["test"])
 
 
-__all__ = ["fetch_vader_movie_reviews", "load_vader_movie_reviews"]
+
+
+# GLUE tasks: text columns (Hub names), label names, and the metrics GLUE reports.
+GLUE_TASKS = {
+    "cola": (("sentence", None), ["unacceptable", "acceptable"], ("matthews_correlation",)),
+    "sst2": (("sentence", None), ["negative", "positive"], ("accuracy",)),
+    "mrpc": (("sentence1", "sentence2"), ["not_equivalent", "equivalent"], ("accuracy", "f1")),
+    "qqp": (("question1", "question2"), ["not_duplicate", "duplicate"], ("accuracy", "f1")),
+    "mnli": (("premise", "hypothesis"), ["entailment", "neutral", "contradiction"], ("accuracy",)),
+    "qnli": (("question", "sentence"), ["entailment", "not_entailment"], ("accuracy",)),
+    "rte": (("sentence1", "sentence2"), ["entailment", "not_entailment"], ("accuracy",)),
+}
+
+# The local GLUE TSV files (as GLUE's own download script writes them): folder, and how to read each task.
+_GLUE_TSV = {
+    "cola": ("CoLA", {"column_names": ["source", "label", "original_label", "sentence"]}, {}),
+    "sst2": ("SST-2", {}, {}),
+    "mrpc": ("MRPC", {}, {"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2"}),
+    "rte": ("RTE", {}, {}),
+    "qnli": ("QNLI", {}, {}),
+    "qqp": ("QQP", {}, {}),
+    "mnli": ("MNLI", {}, {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"}),
+}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers: a quick check, so offline machines fall back at once instead of
+    waiting for `datasets`' retries."""
+    import socket
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_glue_task(task: str, glue_dir: str | os.PathLike | None = None) -> datasets.DatasetDict:
+    """A GLUE task with `train` and `validation` splits and an integer `label` column (Hub column names).
+
+    Reads the GLUE TSV files under `glue_dir/<Task>/` when given (`quoting=3`: GLUE text has bare quotes),
+    else loads `nyu-mll/glue` from the Hub.
+
+    Raises:
+        ValueError: for an unknown task.
+        FileNotFoundError: if `glue_dir` lacks the task's files.
+        ConnectionError: if no `glue_dir` is given and the Hub cannot be reached.
+    """
+    if task not in GLUE_TASKS:
+        raise ValueError(f"Unknown GLUE task {task!r}; choose one of {sorted(GLUE_TASKS)}.")
+    if glue_dir is None:
+        if not hub_reachable():
+            raise ConnectionError(
+                f"The Hub is unreachable, so GLUE {task} cannot be downloaded; pass the folder of the GLUE TSV files "
+                "(glue_dir / --glue_dir) or your own files (--train_file/--validation_file)."
+            )
+        loaded = datasets.load_dataset("nyu-mll/glue", task)
+        return datasets.DatasetDict(train=loaded["train"], validation=loaded["validation"])
+    folder, read_options, renames = _GLUE_TSV[task]
+    paths = {"train": Path(glue_dir) / folder / "train.tsv", "validation": Path(glue_dir) / folder / "dev.tsv"}
+    if task == "mnli":
+        paths["validation"] = paths["validation"].with_name("dev_matched.tsv")
+    for path in paths.values():
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: glue_dir must hold GLUE's {folder}/ folder.")
+    loaded = datasets.load_dataset("csv", data_files={k: str(v) for k, v in paths.items()}, delimiter="\t",
+                                   quoting=csv.QUOTE_NONE, **read_options)
+    loaded = loaded.rename_columns({old: new for old, new in renames.items() if old in loaded["train"].column_names})
+    # GLUE TSVs store some labels as names (RTE, QNLI, MNLI) and others as integers: ClassLabel takes both.
+    return loaded.cast_column("label", datasets.ClassLabel(names=GLUE_TASKS[task][1]))
+
+
+def load_local_files(train_file=None, validation_file=None, test_file=None) -> datasets.DatasetDict:
+    """Local csv/tsv/json(l) files as a `DatasetDict` (`train`, `validation`, `test` as given).
+
+    Raises:
+        ValueError: if no file is given, or the files have different formats.
+    """
+    files = {split: str(path) for split, path in
+             (("train", train_file), ("validation", validation_file), ("test", test_file)) if path}
+    if not files:
+        raise ValueError("Give at least one of train_file, validation_file, test_file.")
+    extensions = {Path(path).suffix.lower().lstrip(".") for path in files.values()}
+    if len(extensions) != 1 or not extensions <= {"csv", "tsv", "json", "jsonl"}:
+        raise ValueError(f"Data files must all be csv, tsv or json(l); got {sorted(extensions)}.")
+    extension = extensions.pop()
+    if extension == "tsv":
+        return datasets.load_dataset("csv", data_files=files, delimiter="\t", quoting=csv.QUOTE_NONE)
+    return datasets.load_dataset("json" if extension.startswith("json") else "csv", data_files=files)
+
+
+__all__ = [
+    "GLUE_TASKS",
+    "fetch_vader_movie_reviews",
+    "hub_reachable",
+    "load_glue_task",
+    "load_local_files",
+    "load_vader_movie_reviews",
+]

