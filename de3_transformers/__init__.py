@@ -7,6 +7,7 @@ loads with `trust_remote_code=True` where this package is not installed.
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+from .calibration import CalibrationResult, calibrate, collect_exit_signals, evaluate_early_exit
 from .configuration_de3 import DE3BertConfig, DE3ConfigMixin, DE3RobertaConfig
 from .exit_policies import SimulatedExits, layer_speedup, simulate_early_exit
 from .trainer import DE3Trainer, DE3TrainingArguments
@@ -31,6 +32,7 @@ for _config, _model in (
     _model.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "CalibrationResult",
     "DE3BertConfig",
     "DE3BertForSequenceClassification",
     "DE3ConfigMixin",
@@ -41,6 +43,9 @@ __all__ = [
     "DE3Trainer",
     "DE3TrainingArguments",
     "SimulatedExits",
+    "calibrate",
+    "collect_exit_signals",
+    "evaluate_early_exit",
     "layer_speedup",
     "simulate_early_exit",
 ]

@@ -13,6 +13,16 @@ def de3_should_exit(entropy: torch.Tensor, ratio: torch.Tensor | None, threshold
     return hybrid_indicator(entropy, ratio, lam) < threshold
 
 
+def first_exit(entropy: torch.Tensor, ratio: torch.Tensor | None, threshold, lam: float) -> torch.Tensor:
+    """Index of the exit each sample leaves at, from the signals `[num_exits - 1, N]` of a full forward.
+
+    `threshold` is a number, or a tensor `[T, 1, 1]` to replay `T` thresholds at once (result `[T, N]`).
+    """
+    leave = de3_should_exit(entropy, ratio, threshold, lam)
+    always = leave.new_ones(*leave.shape[:-2], 1, leave.shape[-1])  # the last exit always answers
+    return torch.cat([leave, always], dim=-2).to(torch.uint8).argmax(dim=-2)  # argmax: the first exit that fires
+
+
 @dataclass
 class SimulatedExits:
     """What early exit would return, computed from a full forward."""
@@ -53,12 +63,10 @@ def simulate_early_exit(
             "distance_ratio is None (some prototypes were never initialised), so only lam=0 can be simulated. "
             "Train the model with labels first."
         )
-    leave = de3_should_exit(entropy, ratio, threshold, lam)
-    leave = torch.cat([leave, leave.new_ones(1, leave.shape[1])])  # the last exit always answers
-    first = leave.int().argmax(dim=0)  # index of the first exit whose rule fires
+    first = first_exit(entropy, ratio, threshold, lam)
     batch = torch.arange(first.numel(), device=first.device)
     layers = torch.tensor(exit_layers, device=first.device)[first]
     return SimulatedExits(exit_logits[first, batch], layers, layer_speedup(layers, exit_layers[-1]))
 
 
-__all__ = ["SimulatedExits", "de3_should_exit", "layer_speedup", "simulate_early_exit"]
+__all__ = ["SimulatedExits", "de3_should_exit", "first_exit", "layer_speedup", "simulate_early_exit"]
