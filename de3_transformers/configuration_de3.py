@@ -9,6 +9,7 @@ from transformers import BertConfig, RobertaConfig
 
 DISTANCES = ("cosine", "euclidean")
 DAR_TYPES = ("center", "alienation", "combined")
+EXIT_POOLINGS = ("first", "mean")
 
 
 @dataclass(kw_only=True)
@@ -21,6 +22,11 @@ class DE3ConfigMixin:
         exit_layers (`list[int]`, *optional*):
             The encoder layers (counted 1..`num_hidden_layers`) that carry an exit, strictly increasing and ending
             with the last layer, which always answers. Defaults to every layer.
+        exit_pooling (`str`, *optional*, defaults to `"first"`):
+            What the shared pooler (dense + tanh) of every exit reads: `"first"`, the first token as BERT's own
+            pooler (METHOD.md section 1), or `"mean"`, the mean of the attended tokens. `"mean"` is for backbones
+            trained with mean pooling, such as sentence-transformers checkpoints, whose first token carries little
+            sentence information in early layers.
         proto_dim (`int`, *optional*):
             Output size of the prototypical networks `g_m`. Defaults to `hidden_size`.
         prototype_momentum (`float`, *optional*, defaults to 0.5):
@@ -41,6 +47,7 @@ class DE3ConfigMixin:
     """
 
     exit_layers: list[int] | None = None
+    exit_pooling: str = "first"
     proto_dim: int | None = None
     prototype_momentum: float = 0.5
     distance: str = "cosine"
@@ -96,6 +103,8 @@ class DE3ConfigMixin:
             raise ValueError(f"proto_dim={self.proto_dim} must be a positive integer (or unset for hidden_size).")
         if not 0.0 < self.prototype_momentum <= 1.0:
             raise ValueError(f"prototype_momentum={self.prototype_momentum} must lie in (0, 1] (the paper uses 0.5).")
+        if self.exit_pooling not in EXIT_POOLINGS:
+            raise ValueError(f"exit_pooling={self.exit_pooling!r} is unknown; choose one of {EXIT_POOLINGS}.")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance={self.distance!r} is unknown; choose one of {DISTANCES}.")
         if self.dar_type not in DAR_TYPES:

@@ -6,7 +6,9 @@ chosen encoder layers, one prototypical network per exit below the top, the clas
 """
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -121,9 +123,22 @@ class DE3ModelMixin:
         output = layer(hidden, attention_mask=mask)
         return output[0] if isinstance(output, tuple) else output
 
-    def _exit(self, exit_index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _pool(self, hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """`z^(m)`: the backbone's shared pooler on the first token (METHOD.md section 1), or on the mean of the
+        attended tokens with `exit_pooling="mean"`."""
+        pooler = self.backbone.pooler
+        if self.config.exit_pooling == "first":
+            return pooler(hidden)
+        if token_mask is None:
+            mean = hidden.mean(dim=1)
+        else:
+            weights = token_mask.to(hidden.dtype).unsqueeze(-1)
+            mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+        return pooler.activation(pooler.dense(mean))
+
+    def _exit(self, exit_index: int, hidden: torch.Tensor, token_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and prototypical features (`None` at the last exit) of one exit (METHOD.md section 1)."""
-        pooled = self.backbone.pooler(hidden)  # the shared pooler, z^(m)
+        pooled = self._pool(hidden, token_mask)
         if exit_index == self.config.num_exits - 1:
             return self.classifier(self.dropout(pooled)), None
         logits = self.exit_classifiers[exit_index](self.dropout(pooled))
@@ -199,7 +214,7 @@ class DE3ModelMixin:
             if output_hidden_states:
                 all_hidden.append(hidden)
             if layer_number in exit_set:
-                logits, feature = self._exit(exit_set[layer_number], hidden)
+                logits, feature = self._exit(exit_set[layer_number], hidden, attention_mask)
                 exit_logits.append(logits)
                 if feature is not None:
                     features.append(feature)
@@ -309,13 +324,14 @@ class DE3ModelMixin:
         out_logits = hidden.new_empty(batch, config.num_labels)
         out_layers = torch.full((batch,), config.num_hidden_layers, dtype=torch.long, device=hidden.device)
         active = torch.arange(batch, device=hidden.device)  # original row of each sample still running
+        token_mask = attention_mask  # 2D, for mean pooling; `mask` is the attention implementation's form
 
         for layer_number, layer in enumerate(self.backbone.encoder.layer, start=1):
             hidden = self._run_layer(layer, hidden, mask)
             if layer_number not in exit_set:
                 continue
             exit_index = exit_set[layer_number]
-            logits, features = self._exit(exit_index, hidden)
+            logits, features = self._exit(exit_index, hidden, token_mask)
             if exit_index == last_exit:
                 out_logits[active] = logits.to(out_logits.dtype)
                 out_layers[active] = layer_number
@@ -335,6 +351,8 @@ class DE3ModelMixin:
             active, hidden = active[staying], hidden[staying]
             if mask is not None:
                 mask = mask[staying]
+            if token_mask is not None:
+                token_mask = token_mask[staying]
 
         return DE3EarlyExitOutput(
             logits=out_logits, exit_layers=out_layers, speedup=layer_speedup(out_layers, config.num_hidden_layers)
@@ -378,6 +396,14 @@ class DE3ModelMixin:
         model, info = cls.from_pretrained(
             pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
         )
+        mean_pooled = Path(str(pretrained_model_name_or_path), "1_Pooling", "config.json")
+        if config.exit_pooling == "first" and mean_pooled.is_file():
+            if json.loads(mean_pooled.read_text()).get("pooling_mode_mean_tokens"):
+                logger.warning(
+                    f"{pretrained_model_name_or_path} is a sentence-transformers checkpoint trained with mean pooling: "
+                    "its first token carries little sentence information in early layers, so shallow exits learn "
+                    "slowly. Consider exit_pooling='mean'."
+                )
         fresh = sorted({key.split(".")[0] for key in info["missing_keys"]})
         logger.warning(
             f"{cls.__name__}: backbone weights loaded from {pretrained_model_name_or_path}. Freshly initialised, to "

