@@ -10,6 +10,7 @@ depth). The trainer adds what a `Trainer` cannot know about:
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,6 +92,14 @@ class DE3Trainer(Trainer):
         self.add_callback(PrototypeUpdateCallback())
         self._running_parts: dict[str, torch.Tensor] = {}
         self._running_batches = 0
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Keeps a DE3 model card already in `output_dir` (see `de3_transformers.model_cards`), which carries the
+        calibrated exit settings and trade-off table; otherwise writes the `Trainer`'s draft card."""
+        card = Path(self.args.output_dir) / "README.md"
+        if card.is_file() and "de3-transformers" in card.read_text(encoding="utf-8"):
+            return
+        super().create_model_card(*args, **kwargs)
 
     # Training
 

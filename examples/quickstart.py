@@ -1,12 +1,11 @@
 #!/usr/bin/env python
 """The main job, on a fresh machine: fine-tune DE3 on real data with the real pretrained MiniLM, calibrate the exit
 threshold for a 2x layer speed-up, evaluate on held-out data, print a table, and save the checkpoint with its model
-card to `outputs/quickstart` (about 10 minutes on 2 CPU cores).
+card to `outputs/quickstart` (about 5 minutes on 2 CPU cores).
 
 Data: `--train_file` (and `--validation_file`) when given; else GLUE SST-2 from the Hub when it is reachable; else
 the VADER movie-review snippets (MIT licence, fetched once through pip from the `vaderSentiment` source
-distribution). Training uses a seeded subset of `--max_train_samples` samples (default 4,000) to stay fast on a CPU;
-pass a larger number for a better model.
+distribution): 8,454 training snippets, 2 epochs; `--max_train_samples N` trains on a seeded subset instead.
 
     python examples/quickstart.py [--train_file F --validation_file F] [--max_train_samples N] [--output_dir D]
 """
@@ -22,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train_file", help="csv/tsv/json with text and label columns")
     parser.add_argument("--validation_file", help="held-out labelled data in the same format")
-    parser.add_argument("--max_train_samples", type=int, default=4000)
+    parser.add_argument("--max_train_samples", type=int, help="train on a seeded subset of this many samples")
     parser.add_argument("--output_dir", default="outputs/quickstart")
     args, passthrough = parser.parse_known_args()
 
@@ -36,8 +35,9 @@ def main() -> None:
     # about the sentence in layers 1-3 (a linear probe scores chance there), so the exits read the mean of the tokens.
     run_glue(data + [
         "--output_dir", args.output_dir,
-        "--do_train", "--max_train_samples", str(args.max_train_samples), "--max_seq_length", "64",
-        "--num_train_epochs", "1", "--learning_rate", "1e-4", "--per_device_train_batch_size", "32",
+        "--do_train", *(["--max_train_samples", str(args.max_train_samples)] if args.max_train_samples else []),
+        "--max_seq_length", "64", "--train_sampling_strategy", "group_by_length",  # less padding: faster on a CPU
+        "--num_train_epochs", "2", "--learning_rate", "1e-4", "--per_device_train_batch_size", "32",
         "--per_device_eval_batch_size", "64", "--warmup_steps", "0.06", "--dar_alpha", "0.01", "--exit_pooling", "mean",
         "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25", "--report_to", "none",
         "--seed", "42", *passthrough,

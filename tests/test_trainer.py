@@ -181,3 +181,16 @@ def test_trainer_rejects_a_model_without_prototypes(tmp_path):
 def test_training_arguments_validate_the_early_exit_settings(tmp_path, field, value):
     with pytest.raises(ValueError, match="out of range"):
         arguments(tmp_path, **{field: value})
+
+
+def test_trainer_keeps_a_de3_model_card_and_drafts_one_otherwise(tmp_path):
+    from de3_transformers.model_cards import write_model_card
+
+    model = tiny_model()
+    trainer = DE3Trainer(model=model, args=arguments(tmp_path))
+    trainer.create_model_card(model_name="draft")
+    assert "de3-transformers" not in (tmp_path / "README.md").read_text()  # the Trainer's own draft
+    write_model_card(tmp_path, model, task_name="sst2", dataset_name="nyu-mll/glue")
+    ours = (tmp_path / "README.md").read_text()
+    trainer.create_model_card(model_name="draft")
+    assert (tmp_path / "README.md").read_text() == ours
