@@ -194,3 +194,15 @@ def test_trainer_keeps_a_de3_model_card_and_drafts_one_otherwise(tmp_path):
     ours = (tmp_path / "README.md").read_text()
     trainer.create_model_card(model_name="draft")
     assert (tmp_path / "README.md").read_text() == ours
+
+
+def test_bf16_mixed_precision_training_and_evaluation_stay_finite(tmp_path):
+    model = tiny_model()
+    trainer = DE3Trainer(model=model, args=arguments(tmp_path, bf16=True, num_train_epochs=2),
+                         train_dataset=dataset(), eval_dataset=dataset(seed=4))
+    trainer.train()
+    metrics = trainer.evaluate()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(torch.isfinite(torch.tensor([entry["loss"], entry["dar_loss"]])).all() for entry in logged)
+    assert model.prototype_memory.initialized.all() and torch.isfinite(model.prototype_memory.prototypes).all()
+    assert 1.0 <= metrics["eval_early_exit_speedup"] <= 4.0
