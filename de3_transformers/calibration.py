@@ -408,7 +408,14 @@ def calibrate(
         curves[float(value)] = curve
         # The curve is in increasing threshold order and its speed-up is non-decreasing, so this is the smallest
         # threshold that reaches the target; the top candidate always does (checked by _check_target).
-        chosen[float(value)] = next(point for point in curve if point.speedup >= target_speedup)
+        index = next(index for index, point in enumerate(curve) if point.speedup >= target_speedup)
+        # The curve may be thinned (max_points): replay every candidate between its neighbouring points, so the
+        # choice is the smallest of all candidates, as without thinning.
+        below = curve[index - 1].threshold if index > 0 else -1.0
+        between = [threshold for threshold in candidate_thresholds(signals, value, max_points=sys.maxsize)
+                   if below < threshold <= curve[index].threshold]
+        refined = tradeoff_curve(signals, value, thresholds=between, metric_fn=metric_fn)
+        chosen[float(value)] = next(point for point in refined if point.speedup >= target_speedup)
     best = max(chosen.values(), key=lambda point: (point.accuracy, point.speedup))
     full_accuracy = float((signals.exit_logits[-1].argmax(dim=-1) == signals.labels).double().mean())
     if save:

@@ -94,7 +94,7 @@ _GLUE_TSV = {
     "mrpc": ("MRPC", {}, {"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2"}),
     "rte": ("RTE", {}, {}),
     "qnli": ("QNLI", {}, {}),
-    "qqp": ("QQP", {}, {}),
+    "qqp": ("QQP", {}, {"is_duplicate": "label"}),
     "mnli": ("MNLI", {}, {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"}),
 }
 
@@ -135,7 +135,8 @@ def load_glue_task(task: str, glue_dir: str | os.PathLike | None = None) -> data
                 "(glue_dir / --glue_dir) or your own files (--train_file/--validation_file)."
             )
         loaded = datasets.load_dataset("nyu-mll/glue", task)
-        return datasets.DatasetDict(train=loaded["train"], validation=loaded["validation"])
+        validation = "validation_matched" if task == "mnli" else "validation"
+        return datasets.DatasetDict(train=loaded["train"], validation=loaded[validation])
     folder, read_options, renames = _GLUE_TSV[task]
     paths = {"train": Path(glue_dir) / folder / "train.tsv", "validation": Path(glue_dir) / folder / "dev.tsv"}
     if task == "mnli":

@@ -101,6 +101,11 @@ class DE3ModelMixin:
     def backbone(self) -> nn.Module:
         return getattr(self, self.base_model_prefix)
 
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest input the position embeddings cover."""
+        return self.config.max_position_embeddings
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -152,11 +157,10 @@ class DE3ModelMixin:
             raise ValueError(
                 f"input_ids must be a non-empty [batch_size, sequence_length] tensor, got shape {tuple(main.shape)}."
             )
-        if main.shape[1] > self.config.max_position_embeddings:
+        if main.shape[1] > self.max_sequence_length:
             raise ValueError(
-                f"Sequence length {main.shape[1]} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}; tokenize with truncation=True, "
-                f"max_length={self.config.max_position_embeddings}."
+                f"Sequence length {main.shape[1]} exceeds the {self.max_sequence_length} positions this model has; "
+                f"tokenize with truncation=True, max_length={self.max_sequence_length}."
             )
         for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
                              ("token_type_ids", token_type_ids), ("inputs_embeds", inputs_embeds)):
@@ -229,12 +233,18 @@ class DE3ModelMixin:
         )
         if labels is not None:
             labels = labels.view(-1).to(exit_logits.device)
-            if labels.dtype.is_floating_point or ((labels < 0) | (labels >= config.num_labels)).any():
+            if labels.numel() != exit_logits.shape[1]:
+                raise ValueError(f"Got {labels.numel()} labels for a batch of {exit_logits.shape[1]}; give one per sample.")
+            if (
+                labels.dtype.is_floating_point
+                or labels.dtype == torch.bool
+                or ((labels < 0) | (labels >= config.num_labels)).any()
+            ):
                 raise ValueError(
                     f"labels must be integer class indices in [0, {config.num_labels}); got {labels.tolist()[:8]}"
                     " (first values). Map your labels with config.label2id."
                 )
-            # Cloned: the prototypes are updated in place below, after autograd has saved them for backward.
+            # Cloned: prototypes and mask are updated in place below, after autograd has saved them for backward.
             prototypes = memory.prototypes.detach().clone()
             dar = distance_aware_regularization(
                 features, labels, prototypes, memory.initialized.clone(),
@@ -440,6 +450,11 @@ class DE3RobertaForSequenceClassification(DE3ModelMixin, RobertaPreTrainedModel)
         self.roberta = RobertaModel(config, add_pooling_layer=True)
         self._build_exits(config)
         self.post_init()
+
+    @property
+    def max_sequence_length(self) -> int:
+        # RoBERTa numbers positions from pad_token_id + 1, so that many positions are never used by tokens.
+        return self.config.max_position_embeddings - self.config.pad_token_id - 1
 
 
 __all__ = [

@@ -88,6 +88,13 @@ class DE3Trainer(Trainer):
                 "DE3 config."
             )
         super().__init__(model, args, *trainer_args, compute_metrics=self._compute_de3_metrics, **kwargs)
+        if self.args.n_gpu > 1:
+            # `nn.DataParallel` replicates the model per step: prototype statistics would land on the throwaway
+            # replicas, and exit outputs come back concatenated along the exit axis.
+            raise ValueError(
+                f"DE3Trainer does not support nn.DataParallel ({self.args.n_gpu} GPUs in one process); launch with "
+                "`torchrun --nproc_per_node N` or `accelerate launch` for distributed data parallel training."
+            )
         self.task_metrics = compute_metrics
         self.add_callback(PrototypeUpdateCallback())
         self._running_parts: dict[str, torch.Tensor] = {}
@@ -102,6 +109,14 @@ class DE3Trainer(Trainer):
         super().create_model_card(*args, **kwargs)
 
     # Training
+
+    def train(self, *args, **kwargs):
+        self._running_parts, self._running_batches = {}, 0
+        memory = self.accelerator.unwrap_model(self.model).prototype_memory
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # also when training fails: later forwards must update prototypes again, without stale statistics
+            memory.defer_updates, memory._pending = False, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**{**inputs, "output_exit_signals": True})

@@ -184,15 +184,25 @@ def main(argv: list[str] | None = None) -> dict:
     first, second = text_columns(data_args, raw[next(iter(raw))].column_names)
     metric_names = GLUE_TASKS[data_args.task_name][2] if data_args.task_name else ("accuracy",)
 
+    if "validation" not in raw:
+        if "train" not in raw:
+            raise ValueError("Give labelled validation data (--validation_file) or training data to split it from.")
+        logger.info("No validation data given: holding out 10%% of the training data (seed %d).", training_args.seed)
+        held_out = raw["train"].train_test_split(test_size=0.1, seed=training_args.seed)
+        raw["train"], raw["validation"] = held_out["train"], held_out["test"]
+
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = build_model(model_args, labels)
     label2id = model.config.label2id
+    # ClassLabel columns already hold class ids; other labels (names, or numbers such as 1/2 or -1/1) are mapped
+    # through the names `label_names` gave them.
+    class_ids = isinstance(raw[next(iter(raw))].features[data_args.label_column], datasets.ClassLabel)
 
     def encode(batch):
         encoded = tokenizer(batch[first], batch[second] if second else None, truncation=True,
                             max_length=data_args.max_seq_length)
         values = batch[data_args.label_column]
-        encoded["labels"] = [value if isinstance(value, int) else label2id[str(value)] for value in values]
+        encoded["labels"] = values if class_ids else [label2id[str(value)] for value in values]
         return encoded
 
     splits = {}

@@ -23,6 +23,8 @@ TASK_TYPE = "text-classification"
 TRADEOFF_SPEEDUPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 CALIBRATION_FIELDS = ("threshold", "lam", "target_speedup", "speedup", "accuracy", "full_accuracy", "metrics", "curve")
 EVAL_SETTINGS = ("full_model", "early_exit")
+# Keys of `Trainer.evaluate()` that measure the run, not the model.
+_NOT_CARD_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time"}
 
 _BACKBONES = {"de3_bert": "BERT", "de3_roberta": "RoBERTa"}
 _METRIC_NAMES = {"accuracy": "Accuracy", "f1": "F1", "matthews_correlation": "Matthews correlation"}
@@ -76,7 +78,8 @@ def build_model_card(
             `learning_rate`, `hardware`, `training_time`; unknown keys are shown under their own name. The DE3
             settings (`dar_type`, `dar_alpha`, `distance`, `prototype_momentum`, `exit_layers`) default to the
             config's.
-        eval_metrics: evaluation results, either flat in `DE3Trainer`'s naming (`{"accuracy": ...}` and
+        eval_metrics: evaluation results, either flat in `DE3Trainer`'s naming (`trainer.evaluate()` as it is, or
+            without the `eval_` prefix: `{"accuracy": ...}` and
             `full_<metric>` for the full model, `early_exit_<metric>` for early exit, `early_exit_speedup` for
             its layer speed-up) or nested (`{"full_model": {...}, "early_exit": {...}}`). They fill the
             `model-index` (task `text-classification`) and the evaluation table.
@@ -363,6 +366,10 @@ def _split_eval_metrics(eval_metrics: Mapping) -> dict[str, dict[str, float]]:
                 split[setting][name] = _number(value, f"eval_metrics[{setting!r}][{name!r}]")
         return split
     for key, value in eval_metrics.items():
+        # `DE3Trainer.evaluate()` output as it is: split prefix off, bookkeeping and per-exit accuracies left out.
+        key = re.sub(r"^(eval|test|predict)_", "", key)
+        if key in _NOT_CARD_METRICS or re.fullmatch(r"exit_\d+_accuracy", key):
+            continue
         if key.startswith("early_exit_"):
             setting, name = "early_exit", key.removeprefix("early_exit_")
         else:

@@ -398,3 +398,18 @@ def test_command_line_arguments_are_validated(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         main(["--model_name_or_path", "unused", "--validation_file", str(data), "--output_dir", str(tmp_path),
               *extra])
+
+
+def test_thinned_curves_still_give_the_smallest_threshold_reaching_the_target():
+    generator = torch.Generator().manual_seed(0)
+    entropy = torch.rand(3, 3000, generator=generator)
+    predictions = torch.randint(0, 2, (4, 3000), generator=generator)
+    signals = ExitSignals(exit_logits=one_hot_logits(predictions.tolist()), entropy=entropy, distance_ratio=None,
+                          labels=torch.randint(0, 2, (3000,), generator=generator), exit_layers=[1, 2, 3, 4],
+                          num_layers=4)
+    full_curve = tradeoff_curve(signals, 0.0, max_points=10**6)
+    assert len(candidate_thresholds(signals, 0.0)) < len(full_curve)  # the default curve is thinned
+    for target in (1.3, 1.7, 2.2, 3.1):
+        expected = next(point for point in full_curve if point.speedup >= target)
+        result = calibrate(tiny_model(num_labels=2), None, target_speedup=target, lam=0.0, signals=signals, save=False)
+        assert result.threshold == expected.threshold and result.speedup == expected.speedup

@@ -65,3 +65,20 @@ def test_metrics_against_hand_counts():
 def test_unknown_metric_is_rejected():
     with pytest.raises(ValueError, match="bleu"):
         classification_metrics(("bleu",))
+
+
+def test_qqp_and_mnli_tsvs_with_glue_headers(tmp_path):
+    (tmp_path / "QQP").mkdir(), (tmp_path / "MNLI").mkdir()
+    qqp = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t1\t2\tHow do I?\tHow can I?\t1\n2\t3\t4\tWhy?\tWhen?\t0\n"
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "QQP" / name).write_text(qqp)
+    header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+              "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n")
+    rows = ["0\t1\t1e\tfiction\t(a)\t(b)\t(A)\t(B)\tA man sleeps.\tA person rests.\tentailment\tentailment\n",
+            "1\t2\t2c\tfiction\t(a)\t(b)\t(A)\t(B)\tIt rains.\tIt is \"dry\".\tcontradiction\tcontradiction\n"]
+    (tmp_path / "MNLI" / "train.tsv").write_text(header + "".join(rows))
+    (tmp_path / "MNLI" / "dev_matched.tsv").write_text(header + rows[1])
+    qqp_data = load_glue_task("qqp", tmp_path)
+    assert qqp_data["train"]["label"] == [1, 0] and qqp_data["train"]["question2"] == ["How can I?", "When?"]
+    mnli = load_glue_task("mnli", tmp_path)
+    assert mnli["train"]["label"] == [0, 2] and mnli["validation"]["hypothesis"] == ['It is "dry".']

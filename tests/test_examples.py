@@ -40,3 +40,21 @@ def test_run_glue_trains_calibrates_and_saves_a_loadable_checkpoint_with_a_card(
     with torch.no_grad():
         batch = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])}
         assert model.predict_early(**batch).logits.shape == (1, 2)
+
+
+def test_run_glue_on_a_local_training_file_alone_with_numeric_labels(tmp_path):
+    sentences = ["a warm and funny film", "dull from start to finish", "the cast is superb", "a tedious mess",
+                 "i loved every minute", "poorly written and acted", "a delight", "boring", "moving and smart",
+                 "an utter failure", "great fun", "not worth your time"] * 2
+    lines = ["text,label"] + [f"{text},{2 if index % 2 == 0 else 1}" for index, text in enumerate(sentences)]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    results = run_glue([
+        "--train_file", str(tmp_path / "train.csv"), "--output_dir", str(tmp_path / "out"), "--do_train",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--max_seq_length", "16",
+        "--exit_layers", "2", "4", "6", "--exit_pooling", "mean", "--report_to", "none", "--save_strategy", "no",
+        "--use_cpu", "true",
+    ])
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert model.config.id2label == {0: "1", 1: "2"} and model.config.exit_layers == [2, 4, 6]
+    assert model.config.exit_pooling == "mean"
+    assert results["train_samples"] == 21  # 10% of the 24 rows held out for calibration and reporting

@@ -280,3 +280,25 @@ def test_unknown_nested_eval_setting_raises():
 def test_calibration_without_the_expected_attributes_raises():
     with pytest.raises(TypeError, match="curve"):
         minimal_card(calibration=Point(0.2, 1.0, 2.0, 0.9))
+
+
+def test_trainer_evaluate_output_goes_into_the_card_as_it_is(tmp_path):
+    from de3_transformers import DE3Trainer, DE3TrainingArguments
+
+    from conftest import mixed_length_batch, train_prototypes
+    from datasets import Dataset
+
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=9)
+    data = Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
+                              "labels": [i % 3 for i in range(9)]})
+    args = DE3TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], eval_threshold=0.5)
+    metrics = DE3Trainer(model=model, args=args, eval_dataset=data).evaluate()
+    card = build_model_card(model, task_name="toy", dataset_name="toy-data", eval_metrics=metrics)
+    results = card.data.to_dict()["model-index"][0]["results"][0]["metrics"]
+    assert {metric["type"] for metric in results} == {"accuracy"}
+    values = {metric["name"]: metric["value"] for metric in results}
+    assert values["Accuracy (full model)"] == metrics["eval_accuracy"]
+    early = next(name for name in values if name.startswith("Accuracy (early exit"))
+    assert values[early] == metrics["eval_early_exit_accuracy"]
+    assert f"{metrics['eval_early_exit_speedup']:.2f}x" in early

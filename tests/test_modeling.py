@@ -87,11 +87,14 @@ def test_threshold_above_one_always_leaves_at_the_first_exit(trained_model):
 
 
 def test_defaults_come_from_the_config(trained_model):
-    input_ids, attention_mask = mixed_length_batch(batch_size=8)
-    trained_model.config.early_exit_threshold, trained_model.config.early_exit_lambda = 0.4, 2.0
+    input_ids, attention_mask = mixed_length_batch(batch_size=16, seed=5)
+    low, middle, high = spread_thresholds(full_signals(trained_model, input_ids, attention_mask), 2.0)
+    trained_model.config.early_exit_threshold, trained_model.config.early_exit_lambda = high, 2.0
     by_default = trained_model.predict_early(input_ids, attention_mask)
-    explicit = trained_model.predict_early(input_ids, attention_mask, threshold=0.4, lam=2.0)
-    assert torch.equal(by_default.exit_layers, explicit.exit_layers)
+    assert torch.equal(by_default.exit_layers, trained_model.predict_early(input_ids, attention_mask, threshold=high,
+                                                                           lam=2.0).exit_layers)
+    assert not torch.equal(by_default.exit_layers, trained_model.predict_early(input_ids, attention_mask,
+                                                                               threshold=low, lam=2.0).exit_layers)
 
 
 def test_predict_early_returns_long_exit_layers_and_restores_training_mode(trained_model):
@@ -140,7 +143,7 @@ def test_inputs_on_another_device_are_rejected(trained_model):
         (lambda ids, mask: (ids[0], None), "batch_size, sequence_length"),
         (lambda ids, mask: (ids[:0], None), "non-empty"),
         (lambda ids, mask: (ids, mask[:, :3]), "attention_mask has shape"),
-        (lambda ids, mask: (torch.ones(1, 65, dtype=torch.long), None), "truncation=True"),
+        (lambda ids, mask: (torch.full((1, 65), 5), None), "truncation=True"),
         (lambda ids, mask: (ids, torch.cat([mask[:1], torch.zeros_like(mask[:1])])), "attend to no token"),
     ],
 )
@@ -151,10 +154,24 @@ def test_malformed_inputs_are_rejected(trained_model, make_inputs, message):
         trained_model.predict_early(ids, mask, threshold=0.5)
 
 
-def test_labels_out_of_range_are_rejected(trained_model):
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0, 3]), r"integer class indices in \[0, 3\)"),
+    (torch.tensor([0.0, 1.0]), "integer class indices"),
+    (torch.tensor([True, False]), "integer class indices"),
+    (torch.tensor([0, 1, 2]), "3 labels for a batch of 2"),
+])
+def test_bad_labels_are_rejected(trained_model, labels, message):
     input_ids, attention_mask = mixed_length_batch(batch_size=2)
-    with pytest.raises(ValueError, match=r"labels must be integer class indices in \[0, 3\)"):
-        trained_model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=message):
+        trained_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def test_longest_accepted_input_runs_and_one_more_token_is_a_clear_error(trained_model):
+    longest = trained_model.max_sequence_length  # 64 for BERT; 64 - pad_token_id - 1 = 62 for RoBERTa
+    assert longest == (64 if trained_model.config.model_type == "de3_bert" else 62)
+    assert trained_model.predict_early(torch.full((1, longest), 5), threshold=0.5).logits.shape == (1, 3)
+    with pytest.raises(ValueError, match=f"max_length={longest}"):
+        trained_model.predict_early(torch.full((1, longest + 1), 5), threshold=0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -206,3 +206,36 @@ def test_bf16_mixed_precision_training_and_evaluation_stay_finite(tmp_path):
     assert all(torch.isfinite(torch.tensor([entry["loss"], entry["dar_loss"]])).all() for entry in logged)
     assert model.prototype_memory.initialized.all() and torch.isfinite(model.prototype_memory.prototypes).all()
     assert 1.0 <= metrics["eval_early_exit_speedup"] <= 4.0
+
+
+def test_loss_is_scaled_for_gradient_accumulation(tmp_path):
+    model = tiny_model(dar_alpha=0.0, **NO_DROPOUT)  # no DAR: the loss does not depend on the prototypes
+    data = dataset(size=8)
+    with torch.no_grad():
+        losses = [model(**{name: torch.tensor(data[name][start:start + 2]) for name in data.column_names}).loss
+                  for start in range(0, 8, 2)]
+    args = arguments(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.0,
+                     logging_steps=1)
+    trainer = DE3Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    # one log per optimizer step, each the mean of its two micro-batch losses (not their sum)
+    expected = [(losses[0] + losses[1]).item() / 2, (losses[2] + losses[3]).item() / 2]
+    assert logged == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_failed_training_run_leaves_prototype_updates_immediate(tmp_path):
+    from transformers import TrainerCallback
+
+    class Fail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("simulated crash")
+
+    model = tiny_model()
+    trainer = DE3Trainer(model=model, args=arguments(tmp_path), train_dataset=dataset(), callbacks=[Fail()])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train()
+    assert not model.prototype_memory.defer_updates
+    input_ids, attention_mask = mixed_length_batch(batch_size=3)
+    model.train()(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 2]))
+    assert model.prototype_memory.initialized.all()
