@@ -30,7 +30,12 @@ SETTINGS = {"sst2": ("1", "1e-4"), "rte": ("3", "5e-5"), "mrpc": ("3", "5e-5")}
 def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
