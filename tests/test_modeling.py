@@ -57,17 +57,21 @@ def test_compact_batch_matches_simulation_from_a_full_forward(trained_model, lam
     assert len(seen_layers) >= 3  # the comparison really exercised compaction
 
 
-def test_batch_matches_each_sample_run_alone(trained_model):
-    input_ids, attention_mask = mixed_length_batch(batch_size=10, seed=7)
-    full = full_signals(trained_model, input_ids, attention_mask)
-    threshold = spread_thresholds(full, 1.0)[1]
-    batched = trained_model.predict_early(input_ids, attention_mask, threshold=threshold, lam=1.0)
+def assert_each_sample_alone_agrees(model, input_ids, attention_mask, threshold, batched):
+    """Every row, run alone without padding, leaves at the same exit with the same logits as in the batch."""
     for row in range(input_ids.shape[0]):
         length = int(attention_mask[row].sum())
-        alone = trained_model.predict_early(input_ids[row : row + 1, :length], threshold=threshold, lam=1.0)
+        alone = model.predict_early(input_ids[row : row + 1, :length], threshold=threshold, lam=1.0)
         assert alone.exit_layers.item() == batched.exit_layers[row].item()
         torch.testing.assert_close(alone.logits[0], batched.logits[row], atol=1e-5, rtol=0)
     assert len(set(batched.exit_layers.tolist())) >= 2
+
+
+def test_batch_matches_each_sample_run_alone(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=10, seed=7)
+    threshold = spread_thresholds(full_signals(trained_model, input_ids, attention_mask), 1.0)[1]
+    batched = trained_model.predict_early(input_ids, attention_mask, threshold=threshold, lam=1.0)
+    assert_each_sample_alone_agrees(trained_model, input_ids, attention_mask, threshold, batched)
 
 
 def test_threshold_zero_reproduces_the_full_model_exactly(trained_model):
@@ -206,9 +210,4 @@ def test_mean_pooling_keeps_compact_batch_equal_to_simulation_and_single_runs(ba
                                     threshold, 1.0)
     assert batched.exit_layers.tolist() == simulated.exit_layers.tolist()
     torch.testing.assert_close(batched.logits, simulated.logits, atol=1e-5, rtol=0)
-    for row in range(input_ids.shape[0]):
-        length = int(attention_mask[row].sum())
-        alone = model.predict_early(input_ids[row : row + 1, :length], threshold=threshold, lam=1.0)
-        assert alone.exit_layers.item() == batched.exit_layers[row].item()
-        torch.testing.assert_close(alone.logits[0], batched.logits[row], atol=1e-5, rtol=0)
-    assert len(set(batched.exit_layers.tolist())) >= 2
+    assert_each_sample_alone_agrees(model, input_ids, attention_mask, threshold, batched)
