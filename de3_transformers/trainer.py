@@ -74,7 +74,9 @@ class DE3Trainer(Trainer):
 
     Use it as the stock `Trainer`; `args` may be [`DE3TrainingArguments`] (plain `TrainingArguments` work with the
     defaults). `compute_metrics`, if given, is applied to the full model's predictions and, prefixed
-    `early_exit_`, to the early-exit predictions.
+    `early_exit_`, to the early-exit predictions. `predict()` returns as predictions the tuple
+    `(logits, exit_logits [N, num_exits, K], entropy [N, num_exits - 1], distance_ratio [N, num_exits - 1])`, the
+    last absent while prototypes are uninitialised.
 
     Raises:
         TypeError: if the model is not a DE3 model.
