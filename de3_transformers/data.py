@@ -103,13 +103,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers: a quick check, so offline machines fall back at once instead of
     waiting for `datasets`' retries."""
     import socket
+    from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
+    endpoint = urlparse(constants.ENDPOINT)  # honours HF_ENDPOINT (a mirror)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
         return True
     except OSError:
         return False
