@@ -7,10 +7,13 @@ chosen encoder layers, one prototypical network per exit below the top, the clas
 
 import dataclasses
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import BertModel, BertPreTrainedModel, RobertaModel, RobertaPreTrainedModel
 from transformers import initialization as init
@@ -150,9 +153,18 @@ class DE3ModelMixin:
         return logits, self.prototype_networks[exit_index](pooled)
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds=None) -> None:
+        named = (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                 ("inputs_embeds", inputs_embeds))
+        for name, tensor in named:
+            if tensor is not None and not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"{name} must be a torch.Tensor, got {type(tensor).__name__}; tokenize with return_tensors='pt'."
+                )
         main = input_ids if input_ids is not None else inputs_embeds
         if main is None:
             raise ValueError("Pass input_ids (or inputs_embeds to forward).")
+        if input_ids is not None and (input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
         if main.dim() != (2 if input_ids is not None else 3) or main.shape[0] == 0 or main.shape[1] == 0:
             raise ValueError(
                 f"input_ids must be a non-empty [batch_size, sequence_length] tensor, got shape {tuple(main.shape)}."
@@ -162,8 +174,7 @@ class DE3ModelMixin:
                 f"Sequence length {main.shape[1]} exceeds the {self.max_sequence_length} positions this model has; "
                 f"tokenize with truncation=True, max_length={self.max_sequence_length}."
             )
-        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                             ("token_type_ids", token_type_ids), ("inputs_embeds", inputs_embeds)):
+        for name, tensor in named:
             if tensor is None:
                 continue
             if name in ("attention_mask", "token_type_ids") and tensor.shape != main.shape[:2]:
@@ -172,6 +183,14 @@ class DE3ModelMixin:
                 raise ValueError(
                     f"{name} is on {tensor.device} but the model is on {self.device}; move the inputs with "
                     f"`.to(model.device)` (or the model with `model.to({str(tensor.device)!r})`)."
+                )
+        if input_ids is not None:
+            # Checked here because an out-of-range id fails deep in the embedding (on a GPU, as a device assert).
+            low, high = (int(value) for value in input_ids.aminmax())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids hold token ids in [{low}, {high}] but the vocabulary has {self.config.vocab_size}; "
+                    "use the tokenizer that belongs to this model."
                 )
 
     def forward(
@@ -367,6 +386,54 @@ class DE3ModelMixin:
         return DE3EarlyExitOutput(
             logits=out_logits, exit_layers=out_layers, speedup=layer_speedup(out_layers, config.num_hidden_layers)
         )
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, made atomic: everything is written to a temporary folder beside
+        `save_directory` and then moved in file by file with `os.replace`, weights first, so a crash while saving
+        leaves the previous checkpoint in `save_directory` loadable. Other files in the folder (a tokenizer, Trainer
+        checkpoints) are kept; stale weight shards of an earlier save are removed.
+
+        Raises:
+            OSError: if the folder cannot be written.
+        """
+        if push_to_hub:  # uploading works on the folder itself: keep the library's own path
+            return super().save_pretrained(save_directory, *args, push_to_hub=True, **kwargs)
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.saving-") as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            written = sorted(Path(staging).iterdir(), key=lambda path: ".safetensors" not in path.name)
+            for stale in target.glob("model*.safetensors*"):
+                if not (Path(staging) / stale.name).exists():
+                    stale.unlink()
+            for path in written:
+                os.replace(path, target / path.name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with errors that say what is wrong for a corrupted weights file and for
+        a config whose `num_labels` or `exit_layers` do not fit the saved heads and prototypes.
+
+        Raises:
+            OSError: if the weights file is corrupted or truncated.
+            ValueError: if the config does not fit the saved weights (and `ignore_mismatched_sizes` is not set).
+        """
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of {pretrained_model_name_or_path} are corrupted or truncated ({error}). Save the model "
+                "again, or download it again; saving with save_pretrained never leaves a half-written file."
+            ) from error
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            saved = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+            raise ValueError(
+                f"The config does not fit the weights saved in {pretrained_model_name_or_path}, which have "
+                f"num_labels={saved.num_labels} and exit_layers={saved.exit_layers}. Load the checkpoint with its own "
+                "config, or pass ignore_mismatched_sizes=True to start the heads and prototypes that differ afresh."
+            ) from error
 
     @classmethod
     def from_backbone(cls, pretrained_model_name_or_path, num_labels: int = 2, **kwargs):

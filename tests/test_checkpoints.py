@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,73 @@ def test_stock_trainer_trains_the_model_and_sets_prototypes(tmp_path):
     result = Trainer(model=model, args=args, train_dataset=data).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert model.prototype_memory.initialized.all()
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(trained_model, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    trained_model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")  # other files in the folder must survive a save
+    before = {name: tensor.clone() for name, tensor in trained_model.state_dict().items()}
+    real_save = PreTrainedModel.save_pretrained
+
+    def crash_half_way(self, save_directory, *args, **kwargs):
+        real_save(self, save_directory, *args, **kwargs)
+        weights = Path(save_directory) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])  # a half-written file
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash_half_way)
+    with torch.no_grad():
+        trained_model.classifier.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        trained_model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    loaded = type(trained_model).from_pretrained(tmp_path)
+    for name, tensor in before.items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert (tmp_path / "tokenizer.json").exists()
+    assert not [path for path in tmp_path.parent.iterdir() if ".saving-" in path.name]
+
+
+def test_saving_again_replaces_the_weights_and_keeps_other_files(trained_model, tmp_path):
+    trained_model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with torch.no_grad():
+        trained_model.classifier.weight.add_(1.0)
+    trained_model.save_pretrained(tmp_path)
+    loaded = type(trained_model).from_pretrained(tmp_path)
+    assert torch.equal(loaded.classifier.weight, trained_model.classifier.weight)
+    assert (tmp_path / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b"not a safetensors file"])
+def test_a_corrupted_weights_file_is_a_clear_error(trained_model, tmp_path, damage):
+    trained_model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(OSError, match="corrupted or truncated"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("override", [{"num_labels": 5}, {"exit_layers": [2, 4]}])
+def test_a_config_that_does_not_fit_the_weights_is_a_clear_error(trained_model, tmp_path, override):
+    trained_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"num_labels=3 and exit_layers=\[1, 2, 3, 4\].*ignore_mismatched_sizes"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, **override)
+
+
+def test_a_de3_checkpoint_in_a_plain_bert_class_warns_about_the_unused_exits(trained_model, tmp_path):
+    from transformers import BertForSequenceClassification
+    from transformers.utils import logging
+
+    trained_model.save_pretrained(tmp_path)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_warning()  # the test session runs at "error"; a user sees warnings by default
+    try:
+        with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
+            plain = BertForSequenceClassification.from_pretrained(tmp_path)
+    finally:
+        logging.set_verbosity(verbosity)
+    assert "exit_classifiers" in captured.out and "prototype_memory" in captured.out
+    assert torch.equal(plain.classifier.weight, trained_model.classifier.weight)  # the last exit is its head

@@ -211,3 +211,17 @@ def test_mean_pooling_keeps_compact_batch_equal_to_simulation_and_single_runs(ba
     assert batched.exit_layers.tolist() == simulated.exit_layers.tolist()
     torch.testing.assert_close(batched.logits, simulated.logits, atol=1e-5, rtol=0)
     assert_each_sample_alone_agrees(model, input_ids, attention_mask, threshold, batched)
+
+
+@pytest.mark.parametrize("make_input_ids, error, message", [
+    (lambda ids: ids.tolist(), TypeError, "must be a torch.Tensor, got list.*return_tensors='pt'"),
+    (lambda ids: ids.float(), TypeError, "integer token ids"),
+    (lambda ids: ids.clone().fill_(99), ValueError, "vocabulary has 99"),
+    (lambda ids: ids.clone().fill_(-1), ValueError, r"token ids in \[-1, -1\]"),
+])
+def test_inputs_of_the_wrong_type_or_vocabulary_are_rejected(trained_model, make_input_ids, error, message):
+    input_ids, _ = mixed_length_batch(batch_size=2)
+    with pytest.raises(error, match=message):
+        trained_model.predict_early(make_input_ids(input_ids), threshold=0.5)
+    with pytest.raises(error, match=message):
+        trained_model(input_ids=make_input_ids(input_ids))
