@@ -184,6 +184,10 @@ class DE3ModelMixin:
                     f"{name} is on {tensor.device} but the model is on {self.device}; move the inputs with "
                     f"`.to(model.device)` (or the model with `model.to({str(tensor.device)!r})`)."
                 )
+        if attention_mask is not None and attention_mask.dim() == 2 and not attention_mask.any(dim=-1).all():
+            # A row that attends to nothing would come out of attention as NaN.
+            empty = (~attention_mask.any(dim=-1)).nonzero().flatten().tolist()
+            raise ValueError(f"Rows {empty[:8]} of attention_mask attend to no token; drop them or fix the mask.")
         if input_ids is not None:
             # Checked here because an out-of-range id fails deep in the embedding (on a GPU, as a device assert).
             low, high = (int(value) for value in input_ids.aminmax())
@@ -330,9 +334,6 @@ class DE3ModelMixin:
         lam = config.early_exit_lambda if lam is None else lam
         check_exit_parameters(threshold, lam)
         self._check_inputs(input_ids, attention_mask, token_type_ids)
-        if attention_mask is not None and not attention_mask.any(dim=-1).all():
-            empty = (~attention_mask.any(dim=-1)).nonzero().flatten().tolist()
-            raise ValueError(f"Rows {empty[:8]} of attention_mask attend to no token; drop them or fix the mask.")
         if lam > 0:
             self._require_prototypes()
 

@@ -223,3 +223,17 @@ def test_a_de3_checkpoint_in_a_plain_bert_class_warns_about_the_unused_exits(tra
         logging.set_verbosity(verbosity)
     assert "exit_classifiers" in captured.out and "prototype_memory" in captured.out
     assert torch.equal(plain.classifier.weight, trained_model.classifier.weight)  # the last exit is its head
+
+
+def test_a_plain_bert_checkpoint_in_the_de3_class_warns_and_names_the_new_parts(minilm_path):
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_warning()
+    try:
+        with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
+            model = DE3BertForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+    finally:
+        logging.set_verbosity(verbosity)
+    assert "exit_classifiers" in captured.out and "prototype_memory" in captured.out and "MISSING" in captured.out
+    assert not model.prototype_memory.initialized.any()

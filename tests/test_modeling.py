@@ -225,3 +225,36 @@ def test_inputs_of_the_wrong_type_or_vocabulary_are_rejected(trained_model, make
         trained_model.predict_early(make_input_ids(input_ids), threshold=0.5)
     with pytest.raises(error, match=message):
         trained_model(input_ids=make_input_ids(input_ids))
+
+
+def test_forward_rejects_a_row_without_attended_tokens(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=2)
+    attention_mask[1] = 0
+    with pytest.raises(ValueError, match=r"Rows \[1\] of attention_mask attend to no token"):
+        trained_model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_class_absent_for_many_steps_keeps_training_finite(dtype):
+    model = tiny_model().to(dtype).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(8):  # class 2 never appears
+        input_ids, attention_mask = mixed_length_batch(batch_size=4, seed=20 + step)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 0, 1]),
+                       output_exit_signals=True)
+        assert torch.isfinite(output.loss) and torch.isfinite(output.dar_loss)
+        output.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optimizer.step(), optimizer.zero_grad()
+    memory = model.prototype_memory
+    assert memory.initialized[:, :2].all() and not memory.initialized[:, 2].any()
+    assert torch.count_nonzero(memory.prototypes[:, 2]) == 0 and torch.isfinite(memory.prototypes).all()
+
+
+def test_identical_prototypes_give_a_neutral_distance_ratio(trained_model):
+    memory = trained_model.prototype_memory
+    memory.prototypes.copy_(memory.prototypes[:, :1].expand_as(memory.prototypes))
+    input_ids, attention_mask = mixed_length_batch(batch_size=5)
+    output = full_signals(trained_model, input_ids, attention_mask)
+    torch.testing.assert_close(output.distance_ratio, torch.full_like(output.distance_ratio, 0.5))
+    assert torch.isfinite(trained_model.predict_early(input_ids, attention_mask, threshold=0.5).logits).all()
