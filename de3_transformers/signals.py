@@ -53,7 +53,9 @@ def prototype_distances(features: torch.Tensor, prototypes: torch.Tensor, distan
         # Norms floored at 1e-8 as in `F.cosine_similarity`, which keeps the gradient at a zero vector bounded.
         unit_x = features / _norm(features, 1e-16).unsqueeze(-1)
         unit_c = prototypes / _norm(prototypes, 1e-16).unsqueeze(-1)
-        return 1.0 - unit_x @ unit_c.transpose(-1, -2)
+        # Clamped: float32 rounding puts a vector's distance to itself at about -1e-7, which would make DR and EDR
+        # negative and let threshold 0 exit.
+        return (1.0 - unit_x @ unit_c.transpose(-1, -2)).clamp(0.0, 2.0)
     if distance == "euclidean":
         return _norm(features.unsqueeze(-2) - prototypes.unsqueeze(-3))
     raise ValueError(f"distance={distance!r} is unknown; choose 'cosine' or 'euclidean'.")
@@ -66,7 +68,7 @@ def normalized_ratio(near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
     """
     largest = torch.maximum(near, far)
     ratio = torch.where(largest > 0, (near - far) / largest.clamp_min(_TINY), torch.zeros_like(largest))
-    return 0.5 * (1.0 + ratio)
+    return (0.5 * (1.0 + ratio)).clamp(0.0, 1.0)  # rounding must not leave [0, 1]: thresholds 0 and 1 are exact
 
 
 def distance_ratio(
@@ -98,11 +100,12 @@ def hybrid_indicator(entropy: torch.Tensor, ratio: torch.Tensor | None, lam: flo
     if lam == 0:
         return entropy
     denominator = lam * entropy + ratio
-    return torch.where(
+    edr = torch.where(
         denominator > 0,
         (lam + 1.0) * entropy * ratio / denominator.clamp_min(_TINY),
         torch.zeros_like(denominator),
     )
+    return edr.clamp(0.0, 1.0)  # float32 rounding can land one step above 1 when E = DR = 1
 
 
 __all__ = [
