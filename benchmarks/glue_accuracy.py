@@ -12,7 +12,6 @@ Writes a markdown report (the command, the hardware, one table per task) to benc
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from run_glue import main as run_glue  # noqa: E402
 
+from de3_transformers.benchmarking import cpu_name  # noqa: E402
+
 
 # Per task: epochs and learning rate (MiniLM is small: a higher rate than BERT-base's 2e-5 trains it in fewer epochs).
 SETTINGS = {"sst2": ("1", "1e-4"), "rte": ("3", "5e-5"), "mrpc": ("3", "5e-5")}
@@ -30,12 +31,7 @@ SETTINGS = {"sst2": ("1", "1e-4"), "rte": ("3", "5e-5"), "mrpc": ("3", "5e-5")}
 def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+    return f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:

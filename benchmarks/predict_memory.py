@@ -32,6 +32,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import de3_transformers  # noqa: F401  (registers the DE3 models with the Auto classes)
 from de3_transformers import DE3BertForSequenceClassification, calibrate
+from de3_transformers.benchmarking import cpu_name
 from de3_transformers.data import load_vader_movie_reviews
 
 
@@ -65,12 +66,7 @@ def peak_rss_mib() -> float:
 
 def hardware() -> str:
     """The CPU the benchmark ran on (it runs on the CPU even where a GPU is present)."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def allocator() -> str:
