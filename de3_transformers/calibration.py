@@ -1,13 +1,15 @@
-"""Calibration of the exit threshold for a target layer speed-up (METHOD.md section 6), from one full-depth pass.
+"""Calibration of an exit policy for a target layer speed-up (METHOD.md section 6), from one full-depth pass.
 
-The signals of every exit (logits, entropy, distance ratio) are collected once; every candidate threshold is then
-replayed on them with the same exit rule as `predict_early` (`exit_policies.de3_should_exit`), so the whole
-accuracy / speed-up trade-off costs a single forward per sample, whatever the number of thresholds or lambdas.
+The signals of every exit (logits, entropy, distance ratio, learning-to-exit scores) are collected once; every
+candidate threshold (or patience) is then replayed on them with the same policy object as `predict_early` uses
+(`exit_policies.simulate_first_exits`), so the whole accuracy / speed-up trade-off of every policy costs a single
+forward per sample, whatever the number of thresholds, lambdas or policies.
 
     python -m de3_transformers.calibration --model_name_or_path DIR --validation_file dev.tsv \
         --text_column sentence --label_column label --target_speedup 2.0 --lam_grid 0,1,2 --output_dir OUT
 """
 
+import dataclasses
 import json
 import numbers
 import sys
@@ -21,8 +23,8 @@ from torch.utils.data import DataLoader
 from transformers.utils import logging
 
 from .configuration_de3 import check_exit_parameters
-from .exit_policies import first_exit, layer_speedup
-from .signals import hybrid_indicator
+from .exit_policies import EXIT_POLICIES, ExitPolicy, exit_views, get_exit_policy, layer_speedup, simulate_first_exits
+from .flops import FlopsCounter
 
 
 logger = logging.get_logger(__name__)
@@ -35,10 +37,12 @@ _CHUNK_ELEMENTS = 1 << 23
 
 @dataclass
 class ExitSignals:
-    """Everything a threshold needs, from one full-depth pass over a labelled data set (all on CPU).
+    """Everything a policy needs, from one full-depth pass over a labelled data set (all on CPU).
 
     `exit_logits` `[E, N, K]` (float32), `entropy` `[E-1, N]`, `distance_ratio` `[E-1, N]` or `None` while some
-    prototype is uninitialised, `labels` `[N]`, the encoder layer of each exit, and the depth `M` of the model.
+    prototype is uninitialised, `labels` `[N]`, the encoder layer of each exit, the depth `M` of the model, and, when
+    collected from a model: `exit_scores` `[E-1, N]` (models with learning-to-exit heads), the number of attended
+    tokens of each sample `lengths` `[N]` and the model's [`FlopsCounter`] (for FLOPs speed-ups).
     """
 
     exit_logits: torch.Tensor
@@ -47,31 +51,58 @@ class ExitSignals:
     labels: torch.Tensor
     exit_layers: list[int]
     num_layers: int
+    exit_scores: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    flops: FlopsCounter | None = None
 
     def __len__(self) -> int:
         return self.labels.numel()
 
+    def views(self):
+        """One `ExitView` per exit below the top, over all samples."""
+        return exit_views(self.exit_logits, self.exit_layers, self.entropy, self.distance_ratio, self.exit_scores,
+                          self.labels)
+
+    def subset(self, rows: torch.Tensor) -> "ExitSignals":
+        """The signals of the samples `rows` (an index or bool tensor), e.g. to calibrate on one half of a dev set
+        and report on the other."""
+        def pick(tensor, dim):
+            return None if tensor is None else tensor.index_select(dim, torch.as_tensor(rows).nonzero().flatten()
+                                                                    if torch.as_tensor(rows).dtype == torch.bool
+                                                                    else torch.as_tensor(rows))
+        return ExitSignals(pick(self.exit_logits, 1), pick(self.entropy, 1), pick(self.distance_ratio, 1),
+                           pick(self.labels, 0), list(self.exit_layers), self.num_layers, pick(self.exit_scores, 1),
+                           pick(self.lengths, 0), self.flops)
+
 
 @dataclass
 class TradeoffPoint:
-    """Early exit at one `threshold` and `lam`: layer speed-up (METHOD.md eq. 12), accuracy and `metric_fn`'s
-    metrics, on the data the signals came from."""
+    """Early exit with one setting of a policy: layer speed-up (METHOD.md eq. 12), accuracy and `metric_fn`'s
+    metrics, on the data the signals came from.
 
-    threshold: float
+    `threshold` and `lam` are the policy's (None / 0 when it has none); `parameters` holds all of them (`patience`
+    too); `flops_speedup` is the FLOPs speed-up, exit heads and decisions counted, when the signals carry lengths.
+    """
+
+    threshold: float | None
     lam: float
     speedup: float
     accuracy: float
     metrics: dict[str, float] = field(default_factory=dict)
+    policy: str = "de3"
+    parameters: dict[str, float] = field(default_factory=dict)
+    flops_speedup: float | None = None
 
 
 @dataclass
 class CalibrationResult:
     """The calibrated exit setting, its measured speed-up and accuracy, and the trade-off curves it came from.
 
-    `curve` is the curve of the chosen `lam`; `curves` holds one curve per lambda searched.
+    `curve` is the curve of the chosen setting; `curves` holds one curve per value of the grid searched (lambda for
+    DE3, patience for `patient_confident`; `None` as the key for other policies).
     """
 
-    threshold: float
+    threshold: float | None
     lam: float
     target_speedup: float
     speedup: float
@@ -79,14 +110,18 @@ class CalibrationResult:
     metrics: dict[str, float]
     full_accuracy: float
     curve: list[TradeoffPoint]
-    curves: dict[float, list[TradeoffPoint]]
+    curves: dict[float | None, list[TradeoffPoint]]
+    policy: str = "de3"
+    parameters: dict[str, float] = field(default_factory=dict)
+    flops_speedup: float | None = None
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (lambdas of `curves` as string keys)."""
+        """A JSON-ready dict (grid values of `curves` as string keys)."""
         values = {name: getattr(self, name) for name in
-                  ("threshold", "lam", "target_speedup", "speedup", "accuracy", "metrics", "full_accuracy")}
+                  ("threshold", "lam", "target_speedup", "speedup", "accuracy", "metrics", "full_accuracy", "policy",
+                   "parameters", "flops_speedup")}
         values["curve"] = [asdict(point) for point in self.curve]
-        values["curves"] = {repr(lam): [asdict(point) for point in curve] for lam, curve in self.curves.items()}
+        values["curves"] = {repr(key): [asdict(point) for point in curve] for key, curve in self.curves.items()}
         return values
 
 
@@ -208,15 +243,17 @@ def collect_exit_signals(model, dataset, batch_size: int = 64, device=None) -> E
             or a `batch_size` below 1.
     """
     loader = _batches(model, dataset, batch_size)
-    logits, entropy, ratio, labels = [], [], [], []
+    logits, entropy, ratio, scores, labels, lengths = [], [], [], [], [], []
     with _EvalOn(model, device) as run_device, torch.inference_mode():
         for batch in _progress(loader, "Collecting exit signals"):
             labels.append(batch.pop("labels"))
+            lengths.append(batch["attention_mask"].sum(dim=-1))
             output = model(**{name: tensor.to(run_device) for name, tensor in batch.items()},
                            output_exit_signals=True)
             logits.append(output.exit_logits.float().cpu())
             entropy.append(output.entropy.cpu())
             ratio.append(None if output.distance_ratio is None else output.distance_ratio.cpu())
+            scores.append(None if output.exit_scores is None else output.exit_scores.cpu())
     return ExitSignals(
         exit_logits=torch.cat(logits, dim=1),
         entropy=torch.cat(entropy, dim=1),
@@ -225,106 +262,146 @@ def collect_exit_signals(model, dataset, batch_size: int = 64, device=None) -> E
         labels=torch.cat(labels),
         exit_layers=list(model.config.exit_layers),
         num_layers=model.config.num_hidden_layers,
+        exit_scores=None if any(part is None for part in scores) else torch.cat(scores, dim=1),
+        lengths=torch.cat(lengths),
+        flops=FlopsCounter.from_config(model.config),
     )
 
 
-def _require_ratio(signals: ExitSignals, lam: float) -> None:
-    if lam > 0 and signals.distance_ratio is None and signals.entropy.shape[0] > 0:
+def _check_signals(signals: ExitSignals, policy: ExitPolicy) -> None:
+    """Raises ValueError when the signals lack what `policy` reads."""
+    if signals.entropy.shape[0] == 0:
+        return  # a single exit: nothing is read
+    if policy.needs_distance_ratio and signals.distance_ratio is None:
         raise ValueError(
-            f"lam={lam} needs the distance ratio, but some prototypes of this model are not initialised. Train the "
-            "model first (DE3Trainer, or labelled forwards in train mode), or calibrate with lam=0 (entropy alone)."
+            f"Policy {policy.name!r} ({policy.parameters()}) needs the distance ratio, but some prototypes of this "
+            "model are not initialised. Train the model first (DE3Trainer, or labelled forwards in train mode), or "
+            "calibrate with lam=0 (entropy alone)."
+        )
+    if policy.needs_exit_scores and signals.exit_scores is None:
+        raise ValueError(
+            f"Policy {policy.name!r} needs learning-to-exit scores: train the model with learning_to_exit=True."
         )
 
 
-def candidate_thresholds(signals: ExitSignals, lam: float, max_points: int = 2000) -> list[float]:
-    """The thresholds worth trying: one per distinct early-exit behaviour on these signals, from 0 (no early exit,
-    1x) to one above every EDR (every sample leaves at the first exit, the largest speed-up).
+def _thin(values: list, max_points: int) -> list:
+    """`max_points` of `values` at evenly spaced ranks, the first and the last always kept."""
+    if len(values) <= max_points:
+        return list(values)
+    ranks = torch.linspace(0, len(values) - 1, max_points).round().long().unique()
+    return [values[rank] for rank in ranks.tolist()]
 
-    A sample's exit changes only when the threshold crosses one of its EDR values, so the candidates are 0, a point
-    between each two consecutive distinct EDR values, and one above the largest. With more than `max_points`
-    candidates, `max_points` of them are kept at evenly spaced quantiles (0 and the top one always).
+
+def sweep_candidates(signals: ExitSignals, policy: "str | ExitPolicy" = "de3", max_points: int = 2000,
+                     **parameters) -> list[float]:
+    """The values of the policy's swept parameter (threshold, or patience) worth trying on these signals: one per
+    distinct early-exit behaviour, from the fewest early exits (1x) to the most (every sample at the first exit).
+    With more than `max_points`, `max_points` of them are kept at evenly spaced ranks (both ends always).
+
+    Raises:
+        ValueError: for an unknown policy or parameter out of range, signals the policy cannot read, or
+            `max_points < 2`.
+    """
+    policy = get_exit_policy(policy, **parameters)
+    _check_signals(signals, policy)
+    if max_points < 2:
+        raise ValueError(f"max_points={max_points} must be at least 2 (the 1x point and the largest speed-up).")
+    if policy.sweep is None:
+        return []
+    return _thin(policy.sweep_values(signals.views()), max_points)
+
+
+def candidate_thresholds(signals: ExitSignals, lam: float, max_points: int = 2000) -> list[float]:
+    """[`sweep_candidates`] of the DE3 policy: 0 (no early exit, 1x), a point between each two consecutive
+    distinct running-minimum EDR values, and one above the largest (every sample leaves at the first exit).
 
     Raises:
         ValueError: for a `lam` out of range, `lam > 0` without initialised prototypes, or `max_points < 2`.
     """
     check_exit_parameters(0.0, lam)
-    _require_ratio(signals, lam)
-    if max_points < 2:
-        raise ValueError(f"max_points={max_points} must be at least 2 (the 1x point and the largest speed-up).")
-    edr = hybrid_indicator(signals.entropy, signals.distance_ratio, lam)
-    if edr.shape[0] == 0 or edr.numel() == 0:
-        return [0.0]
-    # Only a new running minimum along the exits can move a sample's first exit (METHOD.md: exit at the first layer
-    # where EDR < threshold), so the other values would only repeat points of the curve.
-    values = torch.unique(edr.cummin(dim=0).values).float()
-    # Between two values rather than on one: a threshold equal to a sample's EDR sits on the very boundary of the
-    # strict rule, where the float noise of another batch shape (the compact `predict_early`) can flip that sample.
-    # Computed in float32, where the rule compares; where the midpoint rounds onto the lower value, take the upper.
-    middle = (values[:-1] + values[1:]) / 2
-    middle = torch.where(middle > values[:-1], middle, values[1:])
-    largest = values[-1]
-    # EDR never exceeds 1: halfway from the largest value to 1 is above every value, with a margin where possible.
-    top = (largest + 1) / 2 if largest < 1 else largest + 0.5
-    if not top > largest:  # the largest value is the float32 just below 1
-        top = torch.ones_like(largest)
-    # Every midpoint lies above the smallest value, which is >= 0, so 0 is never repeated.
-    candidates = torch.cat([torch.zeros(1), middle, top.view(1)])
-    if candidates.numel() > max_points:
-        ranks = torch.linspace(0, candidates.numel() - 1, max_points).round().long().unique()
-        candidates = candidates[ranks]
-    return candidates.tolist()
+    return sweep_candidates(signals, "de3", max_points, lam=lam)
+
+
+def _point(signals, policy: ExitPolicy, first: torch.Tensor, predictions, metric_fn, layers) -> TradeoffPoint:
+    chosen = predictions.gather(0, first.view(1, -1)).view(-1)
+    metrics = {}
+    if metric_fn is not None:
+        metrics = {name: float(value) for name, value in metric_fn(chosen.numpy(), signals.labels.numpy()).items()}
+    flops = None
+    if signals.flops is not None and signals.lengths is not None:
+        flops = float(signals.flops.speedup(first, signals.lengths, policy.needs_distance_ratio,
+                                            policy.needs_exit_scores))
+    parameters = {key: float(value) for key, value in policy.parameters().items()}
+    return TradeoffPoint(
+        threshold=parameters.get("threshold"),
+        lam=parameters.get("lam", 0.0),
+        speedup=layer_speedup(layers[first], signals.num_layers),
+        accuracy=float((chosen == signals.labels).double().mean()),
+        metrics=metrics,
+        policy=policy.name,
+        parameters=parameters,
+        flops_speedup=flops,
+    )
 
 
 def tradeoff_curve(
     signals: ExitSignals,
-    lam: float,
+    lam: float | None = None,
     thresholds: Sequence[float] | None = None,
     metric_fn: MetricFn | None = None,
     max_points: int = 2000,
+    policy: "str | ExitPolicy" = "de3",
+    patience: int | None = None,
 ) -> list[TradeoffPoint]:
-    """Accuracy and layer speed-up of early exit at many thresholds, from stored signals (no forward pass).
+    """Accuracy and speed-up of early exit at many settings of a policy, from stored signals (no forward pass).
 
-    Each point is exactly what `simulate_early_exit` (and so `predict_early`) gives at that threshold and `lam`.
+    Each point is exactly what `simulate_policy` (and so `predict_early`) gives with that setting.
 
     Args:
         signals: from [`collect_exit_signals`].
-        lam: EDR's lambda (METHOD.md eq. 11); 0 exits on entropy alone.
-        thresholds: the thresholds to try; defaults to [`candidate_thresholds`] (1x up to the largest speed-up).
+        lam: EDR's lambda for the `de3` policy (METHOD.md eq. 11; default 1); 0 exits on entropy alone.
+        thresholds: the values of the policy's swept parameter to try (thresholds; patiences for `patience`);
+            defaults to [`sweep_candidates`] (1x up to the largest speed-up).
         metric_fn: `(predicted class ids, labels) -> {name: value}`, numpy arrays, for metrics beside accuracy
             (F1, Matthews correlation; see `de3_transformers.metrics.classification_metrics`).
-        max_points: cap on the number of default thresholds.
+        max_points: cap on the number of default values.
+        policy: a name of `EXIT_POLICIES` or an `ExitPolicy` (its swept parameter is replaced by each value).
+        patience: of the `patient_confident` policy (default 2).
 
     Returns:
-        One [`TradeoffPoint`] per distinct threshold, in increasing threshold (so non-decreasing speed-up) order.
+        One [`TradeoffPoint`] per distinct value, from the fewest early exits to the most (non-decreasing speed-up
+        for the built-in policies); a single point for the oracle.
 
     Raises:
-        ValueError: for a threshold or `lam` out of range, or `lam > 0` without initialised prototypes.
+        ValueError: for an unknown policy, a value out of range, or signals the policy cannot read (`lam > 0`
+            without initialised prototypes, `learned` without learning-to-exit scores).
     """
-    check_exit_parameters(0.0, lam)
-    _require_ratio(signals, lam)
-    if thresholds is None:
-        thresholds = candidate_thresholds(signals, lam, max_points)
-    for threshold in thresholds:
-        check_exit_parameters(threshold, lam)
-    thresholds = sorted(set(float(threshold) for threshold in thresholds))
+    if lam is not None:
+        check_exit_parameters(0.0, lam)
+    base = get_exit_policy(policy, lam=lam, patience=patience)
+    _check_signals(signals, base)
+    views = signals.views()
     predictions = signals.exit_logits.argmax(dim=-1)  # [E, N]
     layers = torch.tensor(signals.exit_layers)
-    labels_np = signals.labels.numpy()
+    if base.sweep is None:
+        return [_point(signals, base, simulate_first_exits(base, views), predictions, metric_fn, layers)]
+    if thresholds is None:
+        values = sweep_candidates(signals, base, max_points)
+    else:
+        values = list(dict.fromkeys(float(value) for value in thresholds))
+        for value in values:
+            base.with_value(value)  # validates it
     num_exits, num_samples = predictions.shape
     chunk = max(1, _CHUNK_ELEMENTS // max(1, num_exits * num_samples))
     points = []
-    for start in range(0, len(thresholds), chunk):
-        part = thresholds[start : start + chunk]
+    for start in range(0, len(values), chunk):
+        part = values[start : start + chunk]
         # float32, as the rule compares a Python threshold with float32 signals in `predict_early`.
-        first = first_exit(signals.entropy, signals.distance_ratio, torch.tensor(part).view(-1, 1, 1), lam)
-        chosen = predictions.gather(0, first)  # [T, N]: the prediction of the exit each sample left at
-        accuracy = (chosen == signals.labels).double().mean(dim=1)
-        for row, threshold in enumerate(part):
-            metrics = {}
-            if metric_fn is not None:
-                metrics = {name: float(value) for name, value in metric_fn(chosen[row].numpy(), labels_np).items()}
-            speedup = layer_speedup(layers[first[row]], signals.num_layers)
-            points.append(TradeoffPoint(threshold, float(lam), speedup, float(accuracy[row]), metrics))
+        first = simulate_first_exits(base.with_value(torch.tensor(part).view(-1, 1)), views)
+        first = first.expand(len(part), num_samples)
+        for row, value in enumerate(part):
+            point = _point(signals, base.with_value(value), first[row], predictions, metric_fn, layers)
+            points.append(point)
     return points
 
 
@@ -343,6 +420,38 @@ def _check_target(target_speedup, signals: ExitSignals) -> None:
         )
 
 
+def _policy_grid(config, policy, lam, lam_grid, patience, patience_grid) -> list[tuple[float | None, ExitPolicy]]:
+    """`(grid value, policy)` for every setting calibration tries."""
+    if isinstance(policy, ExitPolicy):
+        if any(value is not None for value in (lam, lam_grid, patience, patience_grid)):
+            raise ValueError("Set lam/patience on the policy object, not beside it.")
+        return [(None, policy)]
+    if lam is not None and lam_grid is not None:
+        raise ValueError("Give either lam or lam_grid, not both.")
+    if patience is not None and patience_grid is not None:
+        raise ValueError("Give either patience or patience_grid, not both.")
+    if policy == "oracle":
+        raise ValueError("The oracle policy has nothing to calibrate: it is the upper bound (see tradeoff_curve).")
+    probe = get_exit_policy(policy)
+    names = {field.name for field in dataclasses.fields(probe)}
+    if (lam is not None or lam_grid is not None) and "lam" not in names:
+        raise ValueError(f"lam and lam_grid apply to the de3 policy, not to {policy!r}.")
+    if (patience is not None or patience_grid is not None) and ("patience" not in names or probe.sweep == "patience"):
+        raise ValueError(f"patience and patience_grid apply to the patient_confident policy, not to {policy!r}.")
+    if "lam" in names:
+        grid = [config.early_exit_lambda if lam is None else lam] if lam_grid is None else list(lam_grid)
+        key = "lam"
+    elif "patience" in names and probe.sweep != "patience":
+        grid = [config.early_exit_patience if patience is None else patience] if patience_grid is None \
+            else list(patience_grid)
+        key = "patience"
+    else:
+        return [(None, probe)]
+    if not grid:
+        raise ValueError(f"The {key} grid is empty; give at least one value.")
+    return [(float(value), get_exit_policy(policy, **{key: value})) for value in grid]
+
+
 def calibrate(
     model,
     eval_dataset,
@@ -353,13 +462,18 @@ def calibrate(
     batch_size: int = 64,
     save: bool = True,
     signals: ExitSignals | None = None,
+    policy: "str | ExitPolicy" = "de3",
+    patience: int | None = None,
+    patience_grid: Sequence[int] | None = None,
 ) -> CalibrationResult:
-    """Picks the exit threshold (and optionally lambda) that reaches a target layer speed-up on labelled data.
+    """Picks the exit threshold (and optionally lambda or patience) that reaches a target layer speed-up on labelled
+    data, for any exit policy (default DE3).
 
-    One full-depth pass collects the exit signals (skipped when `signals` is given); the threshold is the smallest
-    candidate of [`tradeoff_curve`] whose layer speed-up (METHOD.md eq. 12) is at least `target_speedup`. With
-    `lam_grid`, this is done for each lambda and the lambda with the best accuracy at the target is kept (ties: the
-    larger speed-up, then the earlier lambda of the grid).
+    One full-depth pass collects the exit signals (skipped when `signals` is given); the swept value (threshold, or
+    patience for `patience`) is the first of [`tradeoff_curve`], from the fewest early exits, whose layer speed-up
+    (METHOD.md eq. 12) is at least `target_speedup`. With `lam_grid` (DE3) or `patience_grid` (`patient_confident`)
+    this is done for each value and the one with the best accuracy at the target is kept (ties: the larger
+    speed-up, then the earlier value of the grid).
 
     Calibrate on held-out data and report on data the calibration did not see (METHOD.md section 6).
 
@@ -371,26 +485,24 @@ def calibrate(
         lam_grid: lambdas to search (the paper searches [0, 10]).
         metric_fn: extra metrics, see [`tradeoff_curve`].
         batch_size: samples per forward while collecting signals.
-        save: write the chosen `early_exit_threshold` and `early_exit_lambda` into `model.config`, so that
-            `predict_early()` and `save_pretrained` use them.
+        save: write the chosen policy and its parameters into `model.config` (`early_exit_policy`,
+            `early_exit_threshold`, `early_exit_lambda`, `early_exit_patience`), so that `predict_early()` and
+            `save_pretrained` use them.
         signals: signals already collected from this model on `eval_dataset`, to reuse one pass for several targets.
+        policy: a name of `EXIT_POLICIES` (not `"oracle"`) or an `ExitPolicy` object.
+        patience, patience_grid: the patience of `patient_confident` (default `config.early_exit_patience`).
 
     Returns:
         [`CalibrationResult`].
 
     Raises:
         ValueError: for a target below 1, NaN, or above what the exits allow (`num_layers / first exit layer`); an
-            empty dataset or one without labels; both `lam` and `lam_grid`, an empty grid or a lambda out of range;
-            `lam > 0` on a model whose prototypes are not initialised; signals from a model with other exits.
+            empty dataset or one without labels; both `lam` and `lam_grid` (or both patience arguments), an empty
+            grid, a value out of range or one the policy does not have; the oracle; signals the policy cannot read
+            (`lam > 0` on a model whose prototypes are not initialised); signals from a model with other exits.
     """
     config = model.config
-    if lam is not None and lam_grid is not None:
-        raise ValueError("Give either lam or lam_grid, not both.")
-    lambdas = [config.early_exit_lambda if lam is None else lam] if lam_grid is None else list(lam_grid)
-    if not lambdas:
-        raise ValueError("lam_grid is empty; give at least one lambda (e.g. [0, 1, 2]) or use lam.")
-    for value in lambdas:
-        check_exit_parameters(0.0, value)
+    grid = _policy_grid(config, policy, lam, lam_grid, patience, patience_grid)
     if signals is None:
         if eval_dataset is None:
             raise ValueError("Give eval_dataset (labelled, tokenized) or signals from collect_exit_signals.")
@@ -403,23 +515,34 @@ def calibrate(
     _check_target(target_speedup, signals)
 
     curves, chosen = {}, {}
-    for value in lambdas:
-        curve = tradeoff_curve(signals, value, metric_fn=metric_fn)
-        curves[float(value)] = curve
-        # The curve is in increasing threshold order and its speed-up is non-decreasing, so this is the smallest
-        # threshold that reaches the target; the top candidate always does (checked by _check_target).
+    for key, base in grid:
+        all_values = sweep_candidates(signals, base, max_points=sys.maxsize)
+        thinned = _thin(all_values, 2000)
+        curve = tradeoff_curve(signals, thresholds=thinned, metric_fn=metric_fn, policy=base)
+        curves[key] = curve
+        # The curve runs from the fewest early exits to the most and its speed-up does not decrease, so this is the
+        # most conservative setting that reaches the target; the last one always does (checked by _check_target).
         index = next(index for index, point in enumerate(curve) if point.speedup >= target_speedup)
-        # The curve may be thinned (max_points): replay every candidate between its neighbouring points, so the
-        # choice is the smallest of all candidates, as without thinning.
-        below = curve[index - 1].threshold if index > 0 else -1.0
-        between = [threshold for threshold in candidate_thresholds(signals, value, max_points=sys.maxsize)
-                   if below < threshold <= curve[index].threshold]
-        refined = tradeoff_curve(signals, value, thresholds=between, metric_fn=metric_fn)
-        chosen[float(value)] = next(point for point in refined if point.speedup >= target_speedup)
-    best = max(chosen.values(), key=lambda point: (point.accuracy, point.speedup))
+        # The curve may be thinned: replay every candidate between its neighbouring points, so the choice is the
+        # first of all candidates, as without thinning.
+        low = all_values.index(thinned[index - 1]) + 1 if index > 0 else 0
+        between = all_values[low : all_values.index(thinned[index]) + 1]
+        refined = tradeoff_curve(signals, thresholds=between, metric_fn=metric_fn, policy=base)
+        chosen[key] = next(point for point in refined if point.speedup >= target_speedup)
+    best_key = max(chosen, key=lambda key: (chosen[key].accuracy, chosen[key].speedup))
+    best = chosen[best_key]
     full_accuracy = float((signals.exit_logits[-1].argmax(dim=-1) == signals.labels).double().mean())
     if save:
-        config.early_exit_threshold, config.early_exit_lambda = best.threshold, best.lam
+        if best.policy in EXIT_POLICIES:
+            config.early_exit_policy = best.policy
+        else:
+            logger.warning(f"Policy {best.policy!r} is not registered, so it is not saved in the config.")
+        if best.threshold is not None:
+            config.early_exit_threshold = best.threshold
+        if "lam" in best.parameters:
+            config.early_exit_lambda = best.lam
+        if "patience" in best.parameters:
+            config.early_exit_patience = int(best.parameters["patience"])
     return CalibrationResult(
         threshold=best.threshold,
         lam=best.lam,
@@ -428,8 +551,11 @@ def calibrate(
         accuracy=best.accuracy,
         metrics=dict(best.metrics),
         full_accuracy=full_accuracy,
-        curve=curves[best.lam],
+        curve=curves[best_key],
         curves=curves,
+        policy=best.policy,
+        parameters=dict(best.parameters),
+        flops_speedup=best.flops_speedup,
     )
 
 
@@ -441,52 +567,66 @@ def evaluate_early_exit(
     metric_fn: MetricFn | None = None,
     batch_size: int = 64,
     device=None,
+    policy: "str | ExitPolicy | None" = None,
+    patience: int | None = None,
 ) -> dict[str, float]:
     """Measures early exit for real with `predict_early` (layers skipped, not simulated) on labelled data.
 
     Args:
         model, dataset, batch_size, device: as for [`collect_exit_signals`].
-        threshold, lam: as for `predict_early`; default to the model's config (the calibrated values).
+        threshold, lam, policy, patience: as for `predict_early`; default to the model's config (the calibrated
+            values).
         metric_fn: extra metrics, see [`tradeoff_curve`].
 
     Returns:
-        `{"speedup": layer speed-up over the whole dataset, "accuracy": ..., **metric_fn's metrics}`.
+        `{"speedup": layer speed-up over the whole dataset, "flops_speedup": ..., "accuracy": ...,
+        **metric_fn's metrics}`.
 
     Raises:
-        ValueError: as [`collect_exit_signals`], and for a threshold or lambda out of range.
-        RuntimeError: when `lam > 0` and some prototype was never initialised.
+        ValueError: as [`collect_exit_signals`] and `predict_early`.
+        RuntimeError: when the policy reads the distance ratio and some prototype was never initialised.
     """
     loader = _batches(model, dataset, batch_size)
-    predictions, layers, labels = [], [], []
+    exit_policy = model._exit_policy(policy, threshold, lam, patience)
+    predictions, layers, labels, lengths = [], [], [], []
     with _EvalOn(model, device) as run_device:
         for batch in _progress(loader, "Early-exit evaluation"):
             labels.append(batch.pop("labels"))
-            result = model.predict_early(**{name: tensor.to(run_device) for name, tensor in batch.items()},
-                                         threshold=threshold, lam=lam)
+            lengths.append(batch["attention_mask"].sum(dim=-1))
+            inputs = {name: tensor.to(run_device) for name, tensor in batch.items()}
+            result = model.predict_early(**inputs, policy=exit_policy,
+                                         labels=labels[-1].to(run_device) if exit_policy.needs_labels else None)
             predictions.append(result.logits.argmax(dim=-1).cpu())
             layers.append(result.exit_layers.cpu())
-    predictions, labels = torch.cat(predictions), torch.cat(labels)
-    measured = {"speedup": layer_speedup(torch.cat(layers), model.config.num_hidden_layers),
+    predictions, labels, layers = torch.cat(predictions), torch.cat(labels), torch.cat(layers)
+    exit_index = torch.searchsorted(torch.tensor(model.config.exit_layers), layers)
+    flops = FlopsCounter.from_config(model.config).speedup(
+        exit_index, torch.cat(lengths), exit_policy.needs_distance_ratio, exit_policy.needs_exit_scores)
+    measured = {"speedup": layer_speedup(layers, model.config.num_hidden_layers), "flops_speedup": float(flops),
                 "accuracy": float((predictions == labels).double().mean())}
     if metric_fn is not None:
         measured.update({name: float(value) for name, value in metric_fn(predictions.numpy(), labels.numpy()).items()})
     return measured
 
 
-def plot_tradeoff(curves: dict[str, list[TradeoffPoint]], path, full_accuracy: float | None = None) -> Path:
-    """Draws accuracy against layer speed-up, one line per curve, and saves it as a PNG.
+def plot_tradeoff(curves: dict[str, list[TradeoffPoint]], path, full_accuracy: float | None = None,
+                  speedup: str = "layer", title: str = "DE3 early exit: accuracy against layer speed-up") -> Path:
+    """Draws accuracy against speed-up, one line per curve (a curve of one point, such as the oracle's, as a star),
+    and saves it as a PNG.
 
     Args:
         curves: `{label: points}`, e.g. `{"lam=1": result.curve}`.
         path: the PNG file to write.
         full_accuracy: drawn as a dashed line for the full model when given.
+        speedup: the x axis: `"layer"` (METHOD.md eq. 12) or `"flops"` (points need `flops_speedup`).
+        title: of the figure.
 
     Returns:
         The path written.
 
     Raises:
         ImportError: if matplotlib is not installed (`pip install matplotlib`).
-        ValueError: if `curves` is empty.
+        ValueError: if `curves` is empty or `speedup` is unknown.
     """
     try:
         # The object-oriented API with an explicit Agg canvas: no pyplot, so the caller's backend and figures
@@ -497,18 +637,23 @@ def plot_tradeoff(curves: dict[str, list[TradeoffPoint]], path, full_accuracy: f
         raise ImportError("plot_tradeoff needs matplotlib: pip install matplotlib") from error
     if not curves:
         raise ValueError("curves is empty; pass {label: tradeoff_curve(...)}.")
+    if speedup not in ("layer", "flops"):
+        raise ValueError(f"speedup={speedup!r} is unknown; choose 'layer' or 'flops'.")
+    attribute = "speedup" if speedup == "layer" else "flops_speedup"
     figure = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for label, points in curves.items():
-        points = sorted(points, key=lambda point: (point.speedup, point.threshold))
-        axes.plot([point.speedup for point in points], [point.accuracy for point in points],
-                  marker=".", markersize=3, linewidth=1.2, label=str(label))
+        points = sorted(points, key=lambda point: getattr(point, attribute))
+        style = {"marker": "*", "markersize": 10, "linestyle": "none"} if len(points) == 1 else \
+            {"marker": ".", "markersize": 3, "linewidth": 1.2}
+        axes.plot([getattr(point, attribute) for point in points], [point.accuracy for point in points],
+                  label=str(label), **style)
     if full_accuracy is not None:
         axes.axhline(full_accuracy, color="gray", linestyle="--", linewidth=1, label="full model")
-    axes.set_xlabel("layer speed-up (x)")
+    axes.set_xlabel(f"{'layer' if speedup == 'layer' else 'FLOPs'} speed-up (x)")
     axes.set_ylabel("accuracy")
-    axes.set_title("DE3 early exit: accuracy against layer speed-up")
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -669,6 +814,7 @@ __all__ = [
     "calibrate",
     "candidate_thresholds",
     "collect_exit_signals",
+    "sweep_candidates",
     "evaluate_early_exit",
     "plot_tradeoff",
     "tradeoff_curve",

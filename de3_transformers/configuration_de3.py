@@ -44,6 +44,14 @@ class DE3ConfigMixin:
             0 never exits early; above 1 always exits at the first exit.
         early_exit_lambda (`float`, *optional*, defaults to 1.0):
             Default `lam` of `predict_early` (eq. 11); 0 exits on entropy alone.
+        early_exit_policy (`str`, *optional*, defaults to `"de3"`):
+            Default `policy` of `predict_early`: a name of `de3_transformers.exit_policies.EXIT_POLICIES` (METHOD.md
+            section 3). Calibration stores the policy it calibrated here.
+        early_exit_patience (`int`, *optional*, defaults to 2):
+            Default `patience` of the `"patience"` (PABEE) and `"patient_confident"` (PCEE-BERT) policies.
+        learning_to_exit (`bool`, *optional*, defaults to `False`):
+            Adds a BERxiT learning-to-exit head (`Linear(hidden, 1)` + sigmoid) to every exit below the top, trained
+            with MSE against whether that exit's prediction is right; the `"learned"` policy reads it.
     """
 
     exit_layers: list[int] | None = None
@@ -56,6 +64,9 @@ class DE3ConfigMixin:
     dar_beta: float = 1.0
     early_exit_threshold: float = 0.2
     early_exit_lambda: float = 1.0
+    early_exit_policy: str = "de3"
+    early_exit_patience: int = 2
+    learning_to_exit: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -114,6 +125,17 @@ class DE3ConfigMixin:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} must be a finite number >= 0.")
         check_exit_parameters(self.early_exit_threshold, self.early_exit_lambda)
+        if isinstance(self.early_exit_patience, bool) or not isinstance(self.early_exit_patience, int) or (
+            self.early_exit_patience < 0
+        ):
+            raise ValueError(f"early_exit_patience={self.early_exit_patience!r} must be an integer >= 0.")
+        from .exit_policies import EXIT_POLICIES  # here, not at the top: exit_policies imports this module
+
+        if self.early_exit_policy not in EXIT_POLICIES:
+            raise ValueError(
+                f"early_exit_policy={self.early_exit_policy!r} is unknown; choose one of {sorted(EXIT_POLICIES)} "
+                "(or register your own with de3_transformers.exit_policies.register_exit_policy)."
+            )
 
 
 def check_exit_parameters(threshold: float, lam: float) -> None:

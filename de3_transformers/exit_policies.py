@@ -1,26 +1,387 @@
-"""Exit decisions: the DE3 rule (METHOD.md section 2) and its simulation from the signals of one full forward."""
+"""Exit policies (METHOD.md sections 2 and 3): the rule that decides, exit by exit, which samples leave.
 
+A policy sees one exit at a time through an [`ExitView`] and answers with a bool per sample; stateful policies
+(patience) carry a per-sample state from exit to exit. The same policy object drives both
+
+- `predict_early`, which runs the layers and drops the samples that left (the state is compacted with them), and
+- [`simulate_policy`], which replays the rule on the stored outputs of one full forward; there every parameter may
+  be a tensor `[T, 1]`, so `T` thresholds are replayed at once (results `[T, N]`).
+
+Built-in policies: `de3` (EDR), `entropy` (DeeBERT), `max_prob`, `energy` (COSEE), `patience` (PABEE),
+`patient_confident` (PCEE-BERT), `learned` (BERxiT) and `oracle` (needs labels). To add one, subclass
+[`ExitPolicy`] (or [`ThresholdPolicy`] for a "signal below/above a threshold" rule) as a dataclass and
+register it with [`register_exit_policy`]:
+
+    @dataclass
+    class MarginPolicy(ThresholdPolicy):
+        name: ClassVar[str] = "margin"
+        exits_below: ClassVar[bool] = False  # exit when the signal is above the threshold
+
+        def signal(self, view):
+            top2 = view.logits.float().softmax(-1).topk(2, dim=-1).values
+            return top2[..., 0] - top2[..., 1]
+
+    register_exit_policy(MarginPolicy)
+    model.predict_early(**batch, policy="margin", threshold=0.6)
+"""
+
+import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from .configuration_de3 import check_exit_parameters
-from .signals import hybrid_indicator
+from .signals import hybrid_indicator, normalized_entropy
 
 
-def de3_should_exit(entropy: torch.Tensor, ratio: torch.Tensor | None, threshold: float, lam: float) -> torch.Tensor:
-    """Bool mask of the samples that leave at this exit: `EDR < threshold` (METHOD.md eq. 11 and its rule)."""
-    return hybrid_indicator(entropy, ratio, lam) < threshold
+@dataclass
+class ExitView:
+    """What a policy sees at one exit: the outputs of that exit for the samples it decides on.
 
-
-def first_exit(entropy: torch.Tensor, ratio: torch.Tensor | None, threshold, lam: float) -> torch.Tensor:
-    """Index of the exit each sample leaves at, from the signals `[num_exits - 1, N]` of a full forward.
-
-    `threshold` is a number, or a tensor `[T, 1, 1]` to replay `T` thresholds at once (result `[T, N]`).
+    Args:
+        exit_index: position of the exit in `config.exit_layers` (0-based).
+        layer: encoder layer of the exit (1..M).
+        logits: `[N, K]`.
+        entropy: `[N]` normalised entropy (METHOD.md eq. 8); computed from `logits` when not given.
+        distance_ratio: `[N]` DE3 distance ratio (eq. 10), given to policies with `needs_distance_ratio`.
+        exit_scores: `[N]` BERxiT learning-to-exit scores in [0, 1], given to policies with `needs_exit_scores`.
+        labels: `[N]` gold class ids, given to policies with `needs_labels` (the oracle).
     """
-    leave = de3_should_exit(entropy, ratio, threshold, lam)
-    always = leave.new_ones(*leave.shape[:-2], 1, leave.shape[-1])  # the last exit always answers
-    return torch.cat([leave, always], dim=-2).to(torch.uint8).argmax(dim=-2)  # argmax: the first exit that fires
+
+    exit_index: int
+    layer: int
+    logits: torch.Tensor
+    entropy: torch.Tensor | None = None
+    distance_ratio: torch.Tensor | None = None
+    exit_scores: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.entropy is None:
+            self.entropy = normalized_entropy(self.logits)
+
+
+def select_rows(state: Any, rows: torch.Tensor) -> Any:
+    """Keeps the samples `rows` (last dimension) of every tensor in a policy state (a tensor, tuple or None)."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state[..., rows]
+    return type(state)(select_rows(part, rows) for part in state)
+
+
+def _check_real(name: str, value, low: float | None = None, integer: bool = False) -> None:
+    if isinstance(value, torch.Tensor):  # a sweep of many values, built by calibration
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+        low is not None and value < low
+    ) or (integer and value != int(value)):  # an integral float (3.0, from a sweep) counts as an integer
+        wanted = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name}={value!r} is out of range: it must be {wanted}{'' if low is None else f' >= {low:g}'}.")
+
+
+class ExitPolicy:
+    """Decides, exit by exit, which samples leave (subclass it as a dataclass whose fields are the parameters).
+
+    Class attributes: `name` (for `predict_early(policy=name)`), `sweep` (the parameter calibration varies, `None`
+    when there is none), and whether `decide` reads `view.distance_ratio` (`needs_distance_ratio`),
+    `view.exit_scores` (`needs_exit_scores`) or `view.labels` (`needs_labels`).
+    """
+
+    name: ClassVar[str] = "custom"
+    sweep: ClassVar[str | None] = "threshold"
+    needs_distance_ratio: ClassVar[bool] = False
+    needs_exit_scores: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
+
+    def start(self, batch_size: int, device: torch.device) -> Any:
+        """The state before the first exit (`None` for stateless policies)."""
+        return None
+
+    def decide(self, view: ExitView, state: Any) -> tuple[torch.Tensor, Any]:
+        """`(leave, new_state)`: a bool tensor, True for the samples that leave at this exit, and the state after it.
+
+        Must treat each sample on its own (no batch statistics), so that compaction cannot change an answer.
+        """
+        raise NotImplementedError
+
+    def select(self, state: Any, rows: torch.Tensor) -> Any:
+        """The state of the samples `rows` that keep running (called when others leave)."""
+        return select_rows(state, rows)
+
+    def sweep_values(self, views: list["ExitView"]) -> list[float]:
+        """Values of the `sweep` parameter worth trying on these exits (all samples of a full forward), from the
+        fewest early exits (1x) to the most."""
+        raise NotImplementedError
+
+    def with_value(self, value) -> "ExitPolicy":
+        """A copy with the `sweep` parameter set to `value` (a number, or a `[T, 1]` tensor in simulation)."""
+        return dataclasses.replace(self, **{self.sweep: value})
+
+    def parameters(self) -> dict[str, Any]:
+        """The policy's parameters, as numbers."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+def _between(values: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
+    """Thresholds for the rule `signal < t`, one per distinct outcome on `values`: one at or below every value (no
+    sample leaves), one between each two consecutive distinct values, and one above every value (all leave)."""
+    values = torch.unique(values.float())
+    if values.numel() == 0:
+        return torch.zeros(1) if lower is None else torch.tensor([float(lower)])
+    # Between two values rather than on one: a threshold equal to a sample's signal sits on the boundary of the
+    # strict rule, where the float noise of another batch shape (the compact `predict_early`) could flip it.
+    # Where the float32 midpoint rounds onto the lower value, take the upper.
+    middle = (values[:-1] + values[1:]) / 2
+    middle = torch.where(middle > values[:-1], middle, values[1:])
+    smallest, largest = values[0], values[-1]
+    bottom = torch.tensor(float(lower)) if lower is not None and lower <= smallest else smallest
+    if upper is not None and largest < upper:
+        top = (largest + upper) / 2
+    else:
+        top = largest + max(0.5, abs(float(largest)))
+    if not top > largest:  # the largest value is the float32 just below `upper`
+        top = torch.nextafter(largest, torch.tensor(math.inf))
+    return torch.cat([bottom.view(1), middle, top.view(1)])
+
+
+@dataclass
+class ThresholdPolicy(ExitPolicy):
+    """A sample leaves at the first exit whose `signal` is below `threshold` (above, with `exits_below = False`).
+
+    Subclasses define `signal(view)`; `signal_range` (the signal's bounds, when it has them) gives calibration tidy
+    end points (threshold 0 for "never" on a [0, 1] signal).
+    """
+
+    threshold: float | torch.Tensor = 0.0
+    exits_below: ClassVar[bool] = True
+    signal_range: ClassVar[tuple[float | None, float | None]] = (0.0, 1.0)
+
+    def __post_init__(self):
+        _check_real("threshold", self.threshold)
+
+    def signal(self, view: ExitView) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decide(self, view, state):
+        signal = self.signal(view)
+        return (signal < self.threshold) if self.exits_below else (signal > self.threshold), state
+
+    def sweep_values(self, views):
+        if not views:
+            return [0.0]
+        signals = torch.stack([self.signal(view).float() for view in views])
+        lower, upper = self.signal_range
+        if not self.exits_below:  # `signal > t` is `-signal < -t`
+            signals, lower, upper = -signals, (None if upper is None else -upper), (None if lower is None else -lower)
+        # Only a new running minimum along the exits can move a sample's first exit; other values repeat points.
+        values = _between(signals.cummin(dim=0).values, lower, upper)
+        return values.tolist() if self.exits_below else (-values).tolist()
+
+
+@dataclass
+class DE3Policy(ThresholdPolicy):
+    """DE3-BERT (METHOD.md eq. 11): exit when `EDR < threshold`; `lam = 0` is plain entropy."""
+
+    name: ClassVar[str] = "de3"
+    lam: float | torch.Tensor = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.threshold, torch.Tensor):
+            check_exit_parameters(self.threshold, self.lam)
+
+    @property
+    def needs_distance_ratio(self) -> bool:
+        return self.lam > 0
+
+    def signal(self, view):
+        if self.lam > 0 and view.distance_ratio is None:
+            raise ValueError(f"lam={self.lam} needs the distance ratio, which this view lacks; use lam=0 or train the model.")
+        return hybrid_indicator(view.entropy, view.distance_ratio, self.lam)
+
+
+@dataclass
+class EntropyPolicy(ThresholdPolicy):
+    """DeeBERT: exit when the normalised entropy `E < threshold` (METHOD.md eq. 8)."""
+
+    name: ClassVar[str] = "entropy"
+
+    def __post_init__(self):
+        _check_real("threshold", self.threshold, low=0.0)
+
+    def signal(self, view):
+        return view.entropy
+
+
+@dataclass
+class MaxProbPolicy(ThresholdPolicy):
+    """Exit when the largest class probability `max_k p_k > threshold`."""
+
+    name: ClassVar[str] = "max_prob"
+    threshold: float | torch.Tensor = 1.0
+    exits_below: ClassVar[bool] = False
+
+    def signal(self, view):
+        return view.logits.float().softmax(dim=-1).amax(dim=-1)
+
+
+@dataclass
+class EnergyPolicy(ThresholdPolicy):
+    """COSEE / E-LANG: exit when the normalised energy `sigmoid(-logsumexp(logits)) < threshold`."""
+
+    name: ClassVar[str] = "energy"
+
+    def __post_init__(self):
+        _check_real("threshold", self.threshold, low=0.0)
+
+    def signal(self, view):
+        return torch.sigmoid(-torch.logsumexp(view.logits.float(), dim=-1))
+
+
+@dataclass
+class LearnedPolicy(ThresholdPolicy):
+    """BERxiT: exit when the learning-to-exit head's score `> threshold` (needs `config.learning_to_exit`)."""
+
+    name: ClassVar[str] = "learned"
+    threshold: float | torch.Tensor = 1.0
+    exits_below: ClassVar[bool] = False
+    needs_exit_scores: ClassVar[bool] = True
+
+    def signal(self, view):
+        if view.exit_scores is None:
+            raise ValueError("The learned policy needs exit scores: train the model with learning_to_exit=True.")
+        return view.exit_scores.float()
+
+
+@dataclass
+class PatiencePolicy(ExitPolicy):
+    """PABEE: exit once the predicted class has stayed the same for `patience` consecutive exits (0: at once)."""
+
+    name: ClassVar[str] = "patience"
+    sweep: ClassVar[str] = "patience"
+    patience: int | torch.Tensor = 2
+
+    def __post_init__(self):
+        _check_real("patience", self.patience, low=0, integer=True)
+
+    def start(self, batch_size, device):
+        return (torch.full((batch_size,), -1, dtype=torch.long, device=device),
+                torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def decide(self, view, state):
+        previous, count = state
+        prediction = view.logits.argmax(dim=-1)
+        count = torch.where(prediction == previous, count + 1, torch.zeros_like(count))  # a change resets it
+        return count >= self.patience, (prediction, count)
+
+    def sweep_values(self, views):
+        # At the i-th exit (0-based) the count is at most i, so patience len(views) never exits early.
+        return [float(value) for value in range(len(views), -1, -1)]
+
+
+@dataclass
+class PatientConfidentPolicy(ExitPolicy):
+    """PCEE-BERT: exit once `patience` consecutive exits each had entropy `E < threshold`."""
+
+    name: ClassVar[str] = "patient_confident"
+    threshold: float | torch.Tensor = 0.0
+    patience: int | torch.Tensor = 2
+
+    def __post_init__(self):
+        _check_real("threshold", self.threshold, low=0.0)
+        _check_real("patience", self.patience, low=1, integer=True)
+
+    def start(self, batch_size, device):
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def decide(self, view, count):
+        confident = view.entropy < self.threshold
+        count = torch.where(confident, count + 1, torch.zeros_like(count))
+        return count >= self.patience, count
+
+    def sweep_values(self, views):
+        if not views:
+            return [0.0]
+        # The count depends on every exit's entropy, not only on running minima: keep all distinct values.
+        return _between(torch.stack([view.entropy for view in views]), 0.0, 1.0).tolist()
+
+
+@dataclass
+class OraclePolicy(ExitPolicy):
+    """Exit at the first exit whose prediction is right (else at the top): the upper bound, for analysis only."""
+
+    name: ClassVar[str] = "oracle"
+    sweep: ClassVar[None] = None
+    needs_labels: ClassVar[bool] = True
+
+    def decide(self, view, state):
+        if view.labels is None:
+            raise ValueError("The oracle policy needs the gold labels: pass labels=.")
+        return view.logits.argmax(dim=-1) == view.labels, state
+
+    def sweep_values(self, views):
+        return []
+
+
+EXIT_POLICIES: dict[str, type[ExitPolicy]] = {}
+
+
+def register_exit_policy(policy_class: type[ExitPolicy]) -> type[ExitPolicy]:
+    """Makes `policy_class` available by its `name` (in `predict_early`, calibration and the config).
+
+    Raises:
+        TypeError: if it is not an `ExitPolicy` dataclass.
+    """
+    if not (isinstance(policy_class, type) and issubclass(policy_class, ExitPolicy)
+            and dataclasses.is_dataclass(policy_class)):
+        raise TypeError(f"{policy_class!r} must be a dataclass subclassing de3_transformers.exit_policies.ExitPolicy.")
+    EXIT_POLICIES[policy_class.name] = policy_class
+    return policy_class
+
+
+for _policy in (DE3Policy, EntropyPolicy, MaxProbPolicy, EnergyPolicy, PatiencePolicy, PatientConfidentPolicy,
+                LearnedPolicy, OraclePolicy):
+    register_exit_policy(_policy)
+
+
+def get_exit_policy(policy: "str | ExitPolicy", **parameters) -> ExitPolicy:
+    """An [`ExitPolicy`] from a registered name and its parameters (those the policy does not have are ignored, so
+    one call can pass `threshold`, `lam` and `patience` to any policy); a policy object is returned as it is.
+
+    Raises:
+        ValueError: for an unknown name or a parameter out of range.
+    """
+    if isinstance(policy, ExitPolicy):
+        return policy
+    if policy not in EXIT_POLICIES:
+        raise ValueError(
+            f"policy={policy!r} is unknown; choose one of {sorted(EXIT_POLICIES)}, pass an ExitPolicy object, or "
+            "register your own with de3_transformers.exit_policies.register_exit_policy."
+        )
+    policy_class = EXIT_POLICIES[policy]
+    names = {field.name for field in dataclasses.fields(policy_class)}
+    return policy_class(**{key: value for key, value in parameters.items() if key in names and value is not None})
+
+
+def simulate_first_exits(policy: ExitPolicy, views: list[ExitView]) -> torch.Tensor:
+    """Index of the exit each sample leaves at, replaying `policy` on the `views` of the exits below the top (all
+    samples of a full forward); `len(views)` (the top exit) for samples that never leave early.
+
+    Returns `[N]`, or `[T, N]` when a parameter of `policy` is a `[T, 1]` tensor.
+    """
+    num_samples = views[0].logits.shape[0] if views else 0
+    state = policy.start(num_samples, views[0].logits.device) if views else None
+    first = torch.full((num_samples,), len(views), dtype=torch.long)
+    left = torch.zeros(num_samples, dtype=torch.bool)
+    for index, view in enumerate(views):
+        leave, state = policy.decide(view, state)
+        leave = leave.cpu()
+        first = torch.where(leave & ~left, index, first)
+        left = left | leave
+    return first
 
 
 @dataclass
@@ -37,6 +398,58 @@ def layer_speedup(exit_layers: torch.Tensor, num_layers: int) -> float:
     return num_layers * exit_layers.numel() / exit_layers.sum().item()
 
 
+def exit_views(
+    exit_logits: torch.Tensor,
+    exit_layers: list[int],
+    entropy: torch.Tensor | None = None,
+    distance_ratio: torch.Tensor | None = None,
+    exit_scores: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> list[ExitView]:
+    """One [`ExitView`] per exit below the top, from the stacked outputs of a full forward (`[num_exits, N, ...]`
+    logits, `[num_exits - 1, N]` signals)."""
+    return [
+        ExitView(
+            exit_index=index,
+            layer=exit_layers[index],
+            logits=exit_logits[index],
+            entropy=None if entropy is None else entropy[index],
+            distance_ratio=None if distance_ratio is None else distance_ratio[index],
+            exit_scores=None if exit_scores is None else exit_scores[index],
+            labels=labels,
+        )
+        for index in range(exit_logits.shape[0] - 1)
+    ]
+
+
+def simulate_policy(
+    policy: ExitPolicy,
+    exit_logits: torch.Tensor,
+    exit_layers: list[int],
+    entropy: torch.Tensor | None = None,
+    distance_ratio: torch.Tensor | None = None,
+    exit_scores: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> SimulatedExits:
+    """Replays `predict_early(policy=policy)` on the outputs of `model(..., output_exit_signals=True)`.
+
+    Args:
+        policy: an [`ExitPolicy`] (see [`get_exit_policy`]).
+        exit_logits: `[num_exits, N, K]`.
+        exit_layers: the encoder layer of each exit (`config.exit_layers`); the last is `M`.
+        entropy, distance_ratio, exit_scores: `[num_exits - 1, N]`, as the forward returns them.
+        labels: `[N]`, for the oracle.
+
+    Raises:
+        ValueError: when the policy needs a signal that was not given.
+    """
+    views = exit_views(exit_logits, exit_layers, entropy, distance_ratio, exit_scores, labels)
+    first = simulate_first_exits(policy, views).to(exit_logits.device)
+    batch = torch.arange(first.numel(), device=first.device)
+    layers = torch.tensor(exit_layers, device=first.device)[first]
+    return SimulatedExits(exit_logits[first, batch], layers, layer_speedup(layers, exit_layers[-1]))
+
+
 def simulate_early_exit(
     exit_logits: torch.Tensor,
     entropy: torch.Tensor,
@@ -45,14 +458,7 @@ def simulate_early_exit(
     threshold: float,
     lam: float,
 ) -> SimulatedExits:
-    """Replays `predict_early` on the outputs of `model(..., output_exit_signals=True)`, with no new forward.
-
-    Args:
-        exit_logits: `[num_exits, B, K]`.
-        entropy: `[num_exits - 1, B]`.
-        ratio: `[num_exits - 1, B]` distance ratios, or `None` when `lam == 0`.
-        exit_layers: the encoder layer of each exit (`config.exit_layers`); the last is `M`.
-        threshold, lam: as in `predict_early`.
+    """[`simulate_policy`] for the DE3 policy (EDR < `threshold`).
 
     Raises:
         ValueError: if `threshold` or `lam` is out of range, or `ratio` is `None` while `lam > 0`.
@@ -63,10 +469,29 @@ def simulate_early_exit(
             "distance_ratio is None (some prototypes were never initialised), so only lam=0 can be simulated. "
             "Train the model with labels first."
         )
-    first = first_exit(entropy, ratio, threshold, lam)
-    batch = torch.arange(first.numel(), device=first.device)
-    layers = torch.tensor(exit_layers, device=first.device)[first]
-    return SimulatedExits(exit_logits[first, batch], layers, layer_speedup(layers, exit_layers[-1]))
+    return simulate_policy(DE3Policy(threshold=threshold, lam=lam), exit_logits, exit_layers, entropy, ratio)
 
 
-__all__ = ["SimulatedExits", "de3_should_exit", "first_exit", "layer_speedup", "simulate_early_exit"]
+__all__ = [
+    "DE3Policy",
+    "EXIT_POLICIES",
+    "EnergyPolicy",
+    "EntropyPolicy",
+    "ExitPolicy",
+    "ExitView",
+    "LearnedPolicy",
+    "MaxProbPolicy",
+    "OraclePolicy",
+    "PatiencePolicy",
+    "PatientConfidentPolicy",
+    "SimulatedExits",
+    "ThresholdPolicy",
+    "exit_views",
+    "get_exit_policy",
+    "layer_speedup",
+    "register_exit_policy",
+    "select_rows",
+    "simulate_early_exit",
+    "simulate_first_exits",
+    "simulate_policy",
+]

@@ -92,4 +92,19 @@ def layer_weighted_loss(
     return DE3LossParts(loss=ce_loss + alpha * dar_loss, ce_loss=ce_loss, dar_loss=dar_loss)
 
 
-__all__ = ["DE3LossParts", "distance_aware_regularization", "layer_weighted_loss"]
+def learning_to_exit_loss(exit_scores: torch.Tensor, exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BERxiT's learning-to-exit loss (METHOD.md section 3): mean over the exits below the top of the MSE between each
+    exit's score and whether its prediction is right (1) or wrong (0).
+
+    Args:
+        exit_scores: `[num_exits - 1, B]` in [0, 1].
+        exit_logits: `[num_exits, B, K]`; the top exit (last) has no score.
+        labels: `[B]`.
+    """
+    correct = (exit_logits[:-1].argmax(dim=-1) == labels).to(torch.float32)
+    if exit_scores.shape[0] == 0:
+        return exit_scores.new_zeros((), dtype=torch.float32)
+    return F.mse_loss(exit_scores.float(), correct)
+
+
+__all__ = ["DE3LossParts", "distance_aware_regularization", "layer_weighted_loss", "learning_to_exit_loss"]

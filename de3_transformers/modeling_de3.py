@@ -20,9 +20,9 @@ from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput, logging
 
-from .configuration_de3 import DE3BertConfig, DE3RobertaConfig, check_exit_parameters
-from .exit_policies import de3_should_exit, layer_speedup
-from .losses import distance_aware_regularization, layer_weighted_loss
+from .configuration_de3 import DE3BertConfig, DE3RobertaConfig
+from .exit_policies import EXIT_POLICIES, ExitPolicy, ExitView, get_exit_policy, layer_speedup
+from .losses import distance_aware_regularization, layer_weighted_loss, learning_to_exit_loss
 from .prototypes import PrototypeMemory
 from .signals import distance_ratio, normalized_entropy
 
@@ -47,10 +47,14 @@ class DE3SequenceClassifierOutput(ModelOutput):
         distance_ratio (`torch.FloatTensor` of shape `(num_exits - 1, batch_size)`, with `output_exit_signals=True`):
             Normalised distance ratio of each exit below the top (eq. 10); `None` while some prototype is
             uninitialised.
+        exit_scores (`torch.FloatTensor` of shape `(num_exits - 1, batch_size)`, with `config.learning_to_exit`):
+            Learning-to-exit score (BERxiT) of each exit below the top, in [0, 1]: how likely its prediction is right.
         ce_loss (`torch.FloatTensor`, with `labels` and `output_exit_signals=True`):
             Layer-weighted cross-entropy part of `loss`.
         dar_loss (`torch.FloatTensor`, with `labels` and `output_exit_signals=True`):
             Layer-weighted DAR part of `loss`, before multiplying by `dar_alpha`.
+        lte_loss (`torch.FloatTensor`, with `labels`, `output_exit_signals=True` and `config.learning_to_exit`):
+            Learning-to-exit MSE, added to `loss` with weight 1.
         hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states=True`):
             Embedding output and the output of every encoder layer.
     """
@@ -60,8 +64,10 @@ class DE3SequenceClassifierOutput(ModelOutput):
     exit_logits: torch.FloatTensor | None = None
     entropy: torch.FloatTensor | None = None
     distance_ratio: torch.FloatTensor | None = None
+    exit_scores: torch.FloatTensor | None = None
     ce_loss: torch.FloatTensor | None = None
     dar_loss: torch.FloatTensor | None = None
+    lte_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -99,6 +105,8 @@ class DE3ModelMixin:
         self.classifier = nn.Linear(hidden, labels)  # the last exit, named as in `BertForSequenceClassification`
         self.prototype_networks = nn.ModuleList(nn.Linear(hidden, config.proto_dim) for _ in range(depth))
         self.prototype_memory = PrototypeMemory(depth, labels, config.proto_dim)
+        if config.learning_to_exit:
+            self.exit_scorers = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(depth))
 
     @property
     def backbone(self) -> nn.Module:
@@ -144,13 +152,23 @@ class DE3ModelMixin:
             mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
         return pooler.activation(pooler.dense(mean))
 
-    def _exit(self, exit_index: int, hidden: torch.Tensor, token_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits and prototypical features (`None` at the last exit) of one exit (METHOD.md section 1)."""
+    def _exit(self, exit_index: int, hidden: torch.Tensor, token_mask, features: bool = True, scores: bool = True):
+        """Logits, prototypical features and learning-to-exit scores of one exit (METHOD.md sections 1-3).
+
+        Features and scores are `None` at the last exit, when not asked for, and scores without learning-to-exit
+        heads.
+        """
         pooled = self._pool(hidden, token_mask)
         if exit_index == self.config.num_exits - 1:
-            return self.classifier(self.dropout(pooled)), None
+            return self.classifier(self.dropout(pooled)), None, None
         logits = self.exit_classifiers[exit_index](self.dropout(pooled))
-        return logits, self.prototype_networks[exit_index](pooled)
+        feature = self.prototype_networks[exit_index](pooled) if features else None
+        score = None
+        if scores and self.config.learning_to_exit:
+            # Detached: the head learns to judge the exit without changing what the exit and the backbone learn, so
+            # a model trained with it is still the plain joint-CE (or DE3) model for every other policy.
+            score = torch.sigmoid(self.exit_scorers[exit_index](pooled.detach())).squeeze(-1)
+        return logits, feature, score
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds=None) -> None:
         named = (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
@@ -235,18 +253,22 @@ class DE3ModelMixin:
 
         hidden, mask = self._embed(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         all_hidden = [hidden] if output_hidden_states else None
-        exit_logits, features = [], []
+        exit_logits, features, scores = [], [], []
         for layer_number, layer in enumerate(self.backbone.encoder.layer, start=1):
             hidden = self._run_layer(layer, hidden, mask)
             if output_hidden_states:
                 all_hidden.append(hidden)
             if layer_number in exit_set:
-                logits, feature = self._exit(exit_set[layer_number], hidden, attention_mask)
+                logits, feature, score = self._exit(exit_set[layer_number], hidden, attention_mask)
                 exit_logits.append(logits)
                 if feature is not None:
                     features.append(feature)
+                if score is not None:
+                    scores.append(score)
         exit_logits = torch.stack(exit_logits)
         features = torch.stack(features) if features else exit_logits.new_zeros(0, exit_logits.shape[1], config.proto_dim)
+        if config.learning_to_exit:
+            scores = torch.stack(scores) if scores else exit_logits.new_zeros(0, exit_logits.shape[1])
         memory = self.prototype_memory
 
         output = DE3SequenceClassifierOutput(
@@ -277,9 +299,16 @@ class DE3ModelMixin:
             output.loss = parts.loss
             if output_exit_signals:
                 output.ce_loss, output.dar_loss = parts.ce_loss.detach(), parts.dar_loss.detach()
+            if config.learning_to_exit:
+                lte_loss = learning_to_exit_loss(scores, exit_logits.detach(), labels)
+                output.loss = output.loss + lte_loss
+                if output_exit_signals:
+                    output.lte_loss = lte_loss.detach()
         if output_exit_signals:
             with torch.no_grad():
                 output.entropy = normalized_entropy(exit_logits[:-1])
+                if config.learning_to_exit:
+                    output.exit_scores = scores.detach().float()
                 if memory.all_initialized:
                     output.distance_ratio = distance_ratio(
                         exit_logits[:-1], features, memory.prototypes, config.distance
@@ -300,6 +329,30 @@ class DE3ModelMixin:
                 "or exit on entropy alone with lam=0."
             )
 
+    def _exit_policy(self, policy, threshold, lam, patience) -> ExitPolicy:
+        """The policy `predict_early` runs: an `ExitPolicy` as given, or one built by name with the config's
+        defaults (its calibrated threshold only for the policy it was calibrated for)."""
+        config = self.config
+        if isinstance(policy, ExitPolicy):
+            if any(value is not None for value in (threshold, lam, patience)):
+                raise ValueError("Pass threshold/lam/patience either to predict_early or on the policy object, not both.")
+            return policy
+        name = config.early_exit_policy if policy is None else policy
+        if threshold is None:
+            if name == config.early_exit_policy:
+                threshold = config.early_exit_threshold
+            elif name in EXIT_POLICIES and "threshold" in {f.name for f in dataclasses.fields(EXIT_POLICIES[name])}:
+                raise ValueError(
+                    f"policy={name!r} needs a threshold: this config was calibrated for policy "
+                    f"{config.early_exit_policy!r}. Pass threshold=, or calibrate with policy={name!r}."
+                )
+        return get_exit_policy(
+            name,
+            threshold=threshold,
+            lam=config.early_exit_lambda if lam is None else lam,
+            patience=config.early_exit_patience if patience is None else patience,
+        )
+
     @torch.inference_mode()
     def predict_early(
         self,
@@ -308,8 +361,12 @@ class DE3ModelMixin:
         token_type_ids: torch.Tensor | None = None,
         threshold: float | None = None,
         lam: float | None = None,
+        policy: str | ExitPolicy | None = None,
+        patience: int | None = None,
+        labels: torch.Tensor | None = None,
     ) -> DE3EarlyExitOutput:
-        """Classifies with early exit: each sample leaves at the first exit whose EDR is below `threshold`.
+        """Classifies with early exit: each sample leaves at the first exit where the exit policy says so (by default
+        DE3: the first exit whose EDR is below `threshold`).
 
         Runs the encoder layer by layer and removes the samples that left from the batch before the next layer,
         so each sample costs only the layers it used, at any batch size. Dropout is off while it runs (the model's
@@ -318,36 +375,50 @@ class DE3ModelMixin:
         Args:
             input_ids: `[batch_size, sequence_length]`, on the model's device.
             attention_mask, token_type_ids: as for `forward`.
-            threshold: exit when `EDR < threshold`; defaults to `config.early_exit_threshold`. 0 runs the full model.
+            threshold: the policy's threshold; defaults to `config.early_exit_threshold` for the configured policy.
+                For DE3: exit when `EDR < threshold`, 0 runs the full model.
             lam: EDR's lambda (eq. 11); defaults to `config.early_exit_lambda`. 0 exits on entropy alone.
+            policy: a name of `exit_policies.EXIT_POLICIES` (`"de3"`, `"entropy"`, `"max_prob"`, `"energy"`,
+                `"patience"`, `"patient_confident"`, `"learned"`, `"oracle"`) or an `ExitPolicy` object; defaults to
+                `config.early_exit_policy`.
+            patience: of the `"patience"` and `"patient_confident"` policies; defaults to `config.early_exit_patience`.
+            labels: `[batch_size]` gold class ids, only for the `"oracle"` policy.
 
         Returns:
             [`DE3EarlyExitOutput`] with `logits`, `exit_layers` and `speedup`.
 
         Raises:
-            ValueError: for a threshold or lambda that is negative, infinite or NaN; inputs of the wrong shape or
-                device; a row with no attended token.
-            RuntimeError: when `lam > 0` and some prototype was never initialised (the model was not trained).
+            ValueError: for an unknown policy, a parameter out of range (negative, infinite or NaN threshold or
+                lambda); a policy without its threshold; inputs of the wrong shape or device; a row with no attended
+                token; `"learned"` on a model without learning-to-exit heads; `"oracle"` without labels.
+            RuntimeError: when the policy reads the distance ratio and some prototype was never initialised.
         """
-        config = self.config
-        threshold = config.early_exit_threshold if threshold is None else threshold
-        lam = config.early_exit_lambda if lam is None else lam
-        check_exit_parameters(threshold, lam)
+        policy = self._exit_policy(policy, threshold, lam, patience)
         self._check_inputs(input_ids, attention_mask, token_type_ids)
-        if lam > 0:
+        if policy.needs_distance_ratio:
             self._require_prototypes()
+        if policy.needs_exit_scores and not self.config.learning_to_exit:
+            raise ValueError(
+                f"policy {policy.name!r} reads learning-to-exit scores, but this model has no learning-to-exit heads; "
+                "train it with learning_to_exit=True in its config."
+            )
+        if policy.needs_labels:
+            if labels is None or labels.shape != input_ids.shape[:1]:
+                raise ValueError(f"policy {policy.name!r} needs labels=, one class id per sample of the batch.")
+            labels = labels.to(input_ids.device)
 
         was_training = self.training
         self.eval()
         try:
-            return self._predict_early(input_ids, attention_mask, token_type_ids, threshold, lam)
+            return self._predict_early(input_ids, attention_mask, token_type_ids, policy, labels)
         finally:
             self.train(was_training)
 
-    def _predict_early(self, input_ids, attention_mask, token_type_ids, threshold, lam) -> DE3EarlyExitOutput:
+    def _predict_early(self, input_ids, attention_mask, token_type_ids, policy, labels) -> DE3EarlyExitOutput:
         config, memory = self.config, self.prototype_memory
         exit_set = {layer: index for index, layer in enumerate(config.exit_layers)}
         last_exit = config.num_exits - 1
+        with_ratio, with_scores = policy.needs_distance_ratio, policy.needs_exit_scores
 
         hidden, mask = self._embed(input_ids, attention_mask, token_type_ids, None, None)
         batch = input_ids.shape[0]
@@ -355,21 +426,24 @@ class DE3ModelMixin:
         out_layers = torch.full((batch,), config.num_hidden_layers, dtype=torch.long, device=hidden.device)
         active = torch.arange(batch, device=hidden.device)  # original row of each sample still running
         token_mask = attention_mask  # 2D, for mean pooling; `mask` is the attention implementation's form
+        state = policy.start(batch, hidden.device)
 
         for layer_number, layer in enumerate(self.backbone.encoder.layer, start=1):
             hidden = self._run_layer(layer, hidden, mask)
             if layer_number not in exit_set:
                 continue
             exit_index = exit_set[layer_number]
-            logits, features = self._exit(exit_index, hidden, token_mask)
+            logits, features, scores = self._exit(exit_index, hidden, token_mask, with_ratio, with_scores)
             if exit_index == last_exit:
                 out_logits[active] = logits.to(out_logits.dtype)
                 out_layers[active] = layer_number
                 break
             ratio = None
-            if lam > 0:
+            if with_ratio:
                 ratio = distance_ratio(logits, features, memory.prototypes[exit_index], config.distance)
-            leave = de3_should_exit(normalized_entropy(logits), ratio, threshold, lam)
+            view = ExitView(exit_index, layer_number, logits, distance_ratio=ratio, exit_scores=scores,
+                            labels=None if labels is None else labels[active])
+            leave, state = policy.decide(view, state)
             leaving = leave.nonzero().flatten()  # the one host synchronisation per exit
             if leaving.numel() == 0:
                 continue
@@ -379,6 +453,7 @@ class DE3ModelMixin:
                 break
             staying = (~leave).nonzero().flatten()
             active, hidden = active[staying], hidden[staying]
+            state = policy.select(state, staying)
             if mask is not None:
                 mask = mask[staying]
             if token_mask is not None:

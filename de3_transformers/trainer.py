@@ -131,6 +131,8 @@ class DE3Trainer(Trainer):
         exit_layers = self.accelerator.unwrap_model(self.model).config.exit_layers
         correct = (outputs.exit_logits.argmax(-1) == labels.view(1, -1)).float().mean(dim=1)
         parts = {"ce_loss": outputs.ce_loss, "dar_loss": outputs.dar_loss}
+        if outputs.lte_loss is not None:
+            parts["lte_loss"] = outputs.lte_loss
         parts.update({f"exit_{layer}_accuracy": correct[index] for index, layer in enumerate(exit_layers)})
         for name, value in parts.items():
             self._running_parts[name] = self._running_parts.get(name, 0.0) + value.detach().float()

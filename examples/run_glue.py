@@ -63,6 +63,9 @@ class ModelArguments:
     dar_alpha: float | None = field(default=None, metadata={"help": "Weight of DAR in the loss (paper: 1e-4..1e-1)."})
     dar_beta: float | None = field(default=None, metadata={"help": "Weight of alienation in combined DAR."})
     prototype_momentum: float | None = field(default=None, metadata={"help": "gamma of the prototype update."})
+    learning_to_exit: bool | None = field(
+        default=None, metadata={"help": "Also train BERxiT learning-to-exit heads (for the 'learned' policy)."}
+    )
 
     def __post_init__(self):
         if self.model_name_or_path is None:
@@ -80,7 +83,8 @@ class ModelArguments:
         return self.model_name_or_path
 
     def de3_options(self) -> dict:
-        names = ("exit_layers", "exit_pooling", "distance", "dar_type", "dar_alpha", "dar_beta", "prototype_momentum")
+        names = ("exit_layers", "exit_pooling", "distance", "dar_type", "dar_alpha", "dar_beta", "prototype_momentum",
+                 "learning_to_exit")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

@@ -214,7 +214,9 @@ def test_evaluate_early_exit_measures_the_calibrated_setting(calibration_setup):
     model, *_, rows = calibration_setup
     result = calibrate(model, rows, target_speedup=1.5, lam=1.0)
     measured = evaluate_early_exit(model, rows, batch_size=5)  # defaults: the calibrated config values
-    assert measured == {"speedup": result.speedup, "accuracy": result.accuracy}
+    assert measured == pytest.approx(
+        {"speedup": result.speedup, "flops_speedup": result.flops_speedup, "accuracy": result.accuracy}
+    )
 
 
 def test_calibrated_values_are_saved_in_the_config_and_used_by_default(calibration_setup):
@@ -240,8 +242,11 @@ def test_result_to_dict_is_json_ready(calibration_setup):
     loaded = json.loads(json.dumps(result.to_dict()))
     assert loaded["threshold"] == result.threshold and loaded["target_speedup"] == 2.0
     assert sorted(loaded["curves"]) == ["0.0", "1.0"] and len(loaded["curve"]) == len(result.curve)
-    assert loaded["curve"][0] == {"threshold": 0.0, "lam": result.lam, "speedup": 1.0,
-                                  "accuracy": result.full_accuracy, "metrics": {}}
+    first = loaded["curve"][0]
+    assert first["flops_speedup"] < 1.0  # at 1x the exit heads and prototypical networks still cost FLOPs
+    assert {key: value for key, value in first.items() if key != "flops_speedup"} == {
+        "threshold": 0.0, "lam": result.lam, "speedup": 1.0, "accuracy": result.full_accuracy, "metrics": {},
+        "policy": "de3", "parameters": {"threshold": 0.0, "lam": result.lam}}
 
 
 @pytest.mark.parametrize("target, message", [(0.5, ">= 1"), (float("nan"), ">= 1"), ("2", ">= 1"),

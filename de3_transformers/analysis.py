@@ -1,0 +1,141 @@
+"""Analysis of exit policies from one full-depth pass (stored [`ExitSignals`]): trade-off curves of several policies
+with the oracle as upper bound, the per-layer exit histogram, the accuracy of correctness estimation (DE3 paper,
+Fig. 8) and the rank correlation of entropy and distance ratio (Table VII)."""
+
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+from .calibration import ExitSignals, MetricFn, TradeoffPoint, plot_tradeoff, tradeoff_curve
+from .exit_policies import ExitPolicy, get_exit_policy, simulate_first_exits
+from .signals import hybrid_indicator
+
+
+def default_policies(signals: ExitSignals, lam: float = 1.0, patience: int = 2) -> dict[str, ExitPolicy]:
+    """Every built-in policy these signals can drive (DE3 needs the distance ratio, `learned` the LTE scores), with
+    the oracle last. The swept parameter of each is left at its default; curves replace it."""
+    names = ["entropy", "max_prob", "energy", "patience", "patient_confident"]
+    if signals.distance_ratio is not None:
+        names.insert(0, "de3")
+    if signals.exit_scores is not None:
+        names.append("learned")
+    policies = {name: get_exit_policy(name, lam=lam, patience=patience) for name in names}
+    policies["oracle"] = get_exit_policy("oracle")
+    return policies
+
+
+def policy_curves(
+    signals: ExitSignals,
+    policies: dict[str, "str | ExitPolicy"] | None = None,
+    metric_fn: MetricFn | None = None,
+    max_points: int = 400,
+) -> dict[str, list[TradeoffPoint]]:
+    """The accuracy / speed-up curve of each policy (the oracle: one point), all from the same stored signals.
+
+    Args:
+        signals: from `collect_exit_signals`.
+        policies: `{label: policy name or ExitPolicy}`; defaults to [`default_policies`].
+        metric_fn, max_points: as for `tradeoff_curve`.
+
+    Raises:
+        ValueError: as `tradeoff_curve`, for a policy the signals cannot drive.
+    """
+    policies = default_policies(signals) if policies is None else policies
+    return {label: tradeoff_curve(signals, metric_fn=metric_fn, max_points=max_points, policy=policy)
+            for label, policy in policies.items()}
+
+
+def plot_policy_comparison(curves: dict[str, list[TradeoffPoint]], path, full_accuracy: float | None = None,
+                           speedup: str = "layer", title: str | None = None) -> Path:
+    """Accuracy against speed-up (`"layer"` or `"flops"`), one line per policy, single points (the oracle) as stars.
+
+    Raises:
+        ImportError: without matplotlib. ValueError: for empty curves or an unknown `speedup`.
+    """
+    return plot_tradeoff(curves, path, full_accuracy=full_accuracy, speedup=speedup,
+                         title=title or "Exit policies: accuracy against speed-up")
+
+
+def exit_histogram(signals: ExitSignals, policy: ExitPolicy) -> dict[int, int]:
+    """How many samples leave at each exit layer under `policy` (a policy with all its parameters set).
+
+    Raises:
+        ValueError: when the signals cannot drive the policy.
+    """
+    first = simulate_first_exits(policy, signals.views())
+    counts = torch.bincount(first.flatten(), minlength=len(signals.exit_layers))
+    return {layer: int(count) for layer, count in zip(signals.exit_layers, counts.tolist())}
+
+
+def plot_exit_histograms(histograms: dict[str, dict[int, int]], path, title: str = "Exit layers") -> Path:
+    """Bar chart of [`exit_histogram`] results, one group of bars per exit layer, one colour per label.
+
+    Raises:
+        ImportError: without matplotlib. ValueError: for no histograms.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not histograms:
+        raise ValueError("histograms is empty; pass {label: exit_histogram(...)}.")
+    figure = Figure(figsize=(6, 3.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / len(histograms)
+    for offset, (label, counts) in enumerate(histograms.items()):
+        layers = list(counts)
+        positions = [index + offset * width for index in range(len(layers))]
+        axes.bar(positions, list(counts.values()), width=width, label=label)
+    axes.set_xticks([index + 0.4 - width / 2 for index in range(len(layers))], [str(layer) for layer in layers])
+    axes.set_xlabel("exit layer")
+    axes.set_ylabel("samples")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(Path(path), format="png")
+    return Path(path)
+
+
+def correctness_estimation_accuracy(signals: ExitSignals, threshold: float = 0.2, lam: float = 1.0) -> dict:
+    """DE3 paper, Fig. 8: per exit below the top, how often "signal < threshold" agrees with the exit's prediction
+    being right, for entropy and for EDR (paper: threshold 0.2).
+
+    Returns:
+        `{"layers": [...], "entropy": [...], "edr": [...]}`, accuracies in [0, 1] (no `"edr"` without the ratio).
+    """
+    correct = signals.exit_logits[:-1].argmax(dim=-1) == signals.labels  # [E-1, N]
+    result = {"layers": signals.exit_layers[:-1],
+              "entropy": ((signals.entropy < threshold) == correct).double().mean(dim=1).tolist()}
+    if signals.distance_ratio is not None:
+        edr = hybrid_indicator(signals.entropy, signals.distance_ratio, lam)
+        result["edr"] = ((edr < threshold) == correct).double().mean(dim=1).tolist()
+    return result
+
+
+def signal_rank_correlation(signals: ExitSignals) -> dict:
+    """DE3 paper, Table VII: Spearman rank correlation of entropy and distance ratio at each exit below the top.
+
+    Returns:
+        `{"layers": [...], "spearman": [...]}`.
+
+    Raises:
+        ValueError: when the signals have no distance ratio (untrained prototypes).
+    """
+    if signals.distance_ratio is None:
+        raise ValueError("The signals have no distance ratio (prototypes not initialised); train the model first.")
+    values = []
+    for entropy, ratio in zip(signals.entropy, signals.distance_ratio):
+        values.append(float(spearmanr(entropy.numpy(), ratio.numpy()).statistic))
+    return {"layers": signals.exit_layers[:-1], "spearman": values}
+
+
+__all__ = [
+    "correctness_estimation_accuracy",
+    "default_policies",
+    "exit_histogram",
+    "plot_exit_histograms",
+    "plot_policy_comparison",
+    "policy_curves",
+    "signal_rank_correlation",
+]
