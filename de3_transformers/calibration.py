@@ -498,7 +498,8 @@ def calibrate(
     Raises:
         ValueError: for a target below 1, NaN, or above what the exits allow (`num_layers / first exit layer`); an
             empty dataset or one without labels; both `lam` and `lam_grid` (or both patience arguments), an empty
-            grid, a value out of range or one the policy does not have; the oracle; signals the policy cannot read
+            grid, a value out of range or one the policy does not have; the oracle; a target the policy cannot reach
+            (`patience` p never leaves before exit p); signals the policy cannot read
             (`lam > 0` on a model whose prototypes are not initialised); signals from a model with other exits.
     """
     config = model.config
@@ -521,14 +522,23 @@ def calibrate(
         curve = tradeoff_curve(signals, thresholds=thinned, metric_fn=metric_fn, policy=base)
         curves[key] = curve
         # The curve runs from the fewest early exits to the most and its speed-up does not decrease, so this is the
-        # most conservative setting that reaches the target; the last one always does (checked by _check_target).
-        index = next(index for index, point in enumerate(curve) if point.speedup >= target_speedup)
+        # most conservative setting that reaches the target. A policy may not reach it at all (patience p cannot
+        # leave before exit p): that grid value is then left out.
+        index = next((index for index, point in enumerate(curve) if point.speedup >= target_speedup), None)
+        if index is None:
+            continue
         # The curve may be thinned: replay every candidate between its neighbouring points, so the choice is the
         # first of all candidates, as without thinning.
         low = all_values.index(thinned[index - 1]) + 1 if index > 0 else 0
         between = all_values[low : all_values.index(thinned[index]) + 1]
         refined = tradeoff_curve(signals, thresholds=between, metric_fn=metric_fn, policy=base)
         chosen[key] = next(point for point in refined if point.speedup >= target_speedup)
+    if not chosen:
+        largest = max(point.speedup for curve in curves.values() for point in curve)
+        raise ValueError(
+            f"Policy {grid[0][1].name!r} cannot reach a {target_speedup}x layer speed-up on these signals (at most "
+            f"{largest:.3g}x{', with the grid given' if len(grid) > 1 else ''}); ask for less, or use a smaller patience."
+        )
     best_key = max(chosen, key=lambda key: (chosen[key].accuracy, chosen[key].speedup))
     best = chosen[best_key]
     full_accuracy = float((signals.exit_logits[-1].argmax(dim=-1) == signals.labels).double().mean())

@@ -306,13 +306,14 @@ class DE3ModelMixin:
                     output.lte_loss = lte_loss.detach()
         if output_exit_signals:
             with torch.no_grad():
+                # Set in field order: `to_tuple` (and so the Trainer's predictions) follows the order of assignment.
                 output.entropy = normalized_entropy(exit_logits[:-1])
-                if config.learning_to_exit:
-                    output.exit_scores = scores.detach().float()
                 if memory.all_initialized:
                     output.distance_ratio = distance_ratio(
                         exit_logits[:-1], features, memory.prototypes, config.distance
                     )
+                if config.learning_to_exit:
+                    output.exit_scores = scores.detach().float()
         if labels is not None and self.training and features.shape[0] > 0:
             memory.observe(features, labels, config.prototype_momentum)
         return output if return_dict else output.to_tuple()

@@ -18,13 +18,13 @@ from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArgum
 from transformers.utils import logging
 
 from .configuration_de3 import check_exit_parameters
-from .exit_policies import simulate_early_exit
+from .exit_policies import simulate_policy
 
 
 logger = logging.get_logger(__name__)
 
 # Per-batch scalars the evaluation loop must not try to concatenate as predictions.
-_NOT_PREDICTIONS = ["ce_loss", "dar_loss", "hidden_states"]
+_NOT_PREDICTIONS = ["ce_loss", "dar_loss", "lte_loss", "hidden_states"]
 
 
 @dataclass
@@ -35,7 +35,8 @@ class DE3TrainingArguments(TrainingArguments):
         eval_early_exit (`bool`, defaults to `True`):
             Report early-exit accuracy and layer speed-up, and the accuracy of every exit, at evaluation.
         eval_threshold (`float`, *optional*):
-            Threshold for the early-exit evaluation; defaults to the model's `config.early_exit_threshold`.
+            Threshold of the model's exit policy (`config.early_exit_policy`, DE3 by default) for the early-exit
+            evaluation; defaults to the model's `config.early_exit_threshold`.
         eval_lambda (`float`, *optional*):
             EDR lambda for the early-exit evaluation; defaults to the model's `config.early_exit_lambda`.
 
@@ -162,24 +163,27 @@ class DE3Trainer(Trainer):
         return loss, predictions, labels
 
     def _compute_de3_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
-        config = self.accelerator.unwrap_model(self.model).config
-        logits, exit_logits, entropy, *ratio = (torch.as_tensor(array) for array in prediction.predictions)
+        model = self.accelerator.unwrap_model(self.model)
+        config = model.config
+        logits, exit_logits, entropy, *rest = (torch.as_tensor(array) for array in prediction.predictions)
         labels = torch.as_tensor(prediction.label_ids)
         metrics = self._task_metrics(logits, labels, prefix="")
         if not getattr(self.args, "eval_early_exit", True):
             return metrics
-        exit_logits, entropy = exit_logits.transpose(0, 1), entropy.transpose(0, 1)
-        ratio = ratio[0].transpose(0, 1) if ratio else None
+        # `None` outputs are dropped from the tuple: the ratio is there iff every prototype is initialised (eval mode
+        # does not change them), the scores iff the model has learning-to-exit heads.
+        signals = [tensor.transpose(0, 1) for tensor in (exit_logits, entropy, *rest)]
+        exit_logits, entropy = signals[:2]
+        ratio = signals[2] if model.prototype_memory.all_initialized else None
+        scores = signals[-1] if config.learning_to_exit else None
         for index, layer in enumerate(config.exit_layers):
             metrics[f"exit_{layer}_accuracy"] = _accuracy(exit_logits[index], labels)
-        threshold = getattr(self.args, "eval_threshold", None)
-        lam = getattr(self.args, "eval_lambda", None)
-        threshold = config.early_exit_threshold if threshold is None else threshold
-        lam = config.early_exit_lambda if lam is None else lam
-        if ratio is None and lam > 0:
+        policy = model._exit_policy(None, getattr(self.args, "eval_threshold", None),
+                                    getattr(self.args, "eval_lambda", None), None)
+        if ratio is None and policy.needs_distance_ratio:
             logger.warning("Early-exit metrics skipped: some prototypes are not initialised yet (train first).")
             return metrics
-        exits = simulate_early_exit(exit_logits, entropy, ratio, config.exit_layers, threshold, lam)
+        exits = simulate_policy(policy, exit_logits, config.exit_layers, entropy, ratio, scores, labels)
         metrics.update(self._task_metrics(exits.logits, labels, prefix="early_exit_"))
         metrics["early_exit_speedup"] = exits.speedup
         return metrics

@@ -274,6 +274,15 @@ def test_oracle_is_a_single_point_above_every_policy(lte_model, labelled_rows):
         calibrate(lte_model, None, policy="oracle", signals=signals)
 
 
+def test_a_patience_that_cannot_reach_the_target_is_skipped_or_named(lte_model, labelled_rows):
+    # patience 3 cannot leave before the 4th exit (the top of this 4-layer model): at most 1x.
+    result = calibrate(lte_model, labelled_rows, target_speedup=2.0, policy="patient_confident",
+                       patience_grid=[1, 3])
+    assert result.parameters["patience"] == 1
+    with pytest.raises(ValueError, match="cannot reach a 2.0x"):
+        calibrate(lte_model, labelled_rows, target_speedup=2.0, policy="patient_confident", patience=3)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"policy": "entropy", "lam": 1.0}, "apply to the de3 policy"),
     ({"policy": "patience", "patience_grid": [1, 2]}, "apply to the patient_confident policy"),
@@ -331,3 +340,22 @@ def test_flops_match_a_hand_count_for_a_tiny_config():
     expected = 2 * (4 * layer + head) / spent.sum().item()
     assert counter.speedup(torch.tensor([1, 3]), lengths, prototypes=True).item() == pytest.approx(expected)
     assert counter.early_exit(torch.tensor([0]), torch.tensor([length]), scores=True).item() == layer + head + 64
+
+
+def test_trainer_evaluation_uses_the_configured_policy_and_learning_to_exit_scores(tmp_path):
+    from de3_transformers import DE3Trainer, DE3TrainingArguments
+
+    model = train_prototypes(tiny_model("bert", learning_to_exit=True, early_exit_policy="learned",
+                                        early_exit_threshold=0.5))
+    input_ids, attention_mask = mixed_length_batch(batch_size=12, seed=13)
+    rows = [{"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(index % 3)}
+            for index, (ids, mask) in enumerate(zip(input_ids, attention_mask))]
+    args = DE3TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=5, report_to="none",
+                                use_cpu=True)
+    metrics = DE3Trainer(model=model, args=args, eval_dataset=rows).evaluate()
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask, output_exit_signals=True)
+    expected = simulate_policy(get_exit_policy("learned", threshold=0.5), full.exit_logits, model.config.exit_layers,
+                               exit_scores=full.exit_scores)
+    assert metrics["eval_early_exit_speedup"] == pytest.approx(expected.speedup)
+    assert 0 < metrics["eval_early_exit_accuracy"] <= 1
