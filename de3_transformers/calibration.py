@@ -691,6 +691,8 @@ class CalibrationArguments:
     text_pair_column: str | None = field(default=None, metadata={"help": "Column of the second text, for pairs."})
     label_column: str = field(default="label", metadata={"help": "Column of the labels (ids or label names)."})
     target_speedup: float = field(default=2.0, metadata={"help": "Layer speed-up to reach (>= 1)."})
+    policy: str = field(default="de3", metadata={"help": "Exit policy: de3, entropy, max_prob, energy, patience, "
+                                                         "patient_confident or learned."})
     lam: float | None = field(default=None, metadata={"help": "EDR lambda (default: the model config's)."})
     lam_grid: str | None = field(
         default=None, metadata={"help": "Comma-separated lambdas to search instead of --lam, e.g. 0,0.667,1,1.5,2,3."}
@@ -722,6 +724,11 @@ class CalibrationArguments:
                 raise ValueError("--lam_grid is empty; give comma-separated lambdas, e.g. 0,1,2.")
         for value in self.lambdas or ([self.lam] if self.lam is not None else []):
             check_exit_parameters(0.0, value)
+        if self.policy not in EXIT_POLICIES or self.policy == "oracle":
+            raise ValueError(f"--policy {self.policy!r} is unknown or cannot be calibrated; choose one of "
+                             f"{sorted(set(EXIT_POLICIES) - {'oracle'})}.")
+        if self.policy != "de3" and (self.lam is not None or self.lam_grid is not None):
+            raise ValueError("--lam and --lam_grid apply to --policy de3 only.")
         self.metric_names = [name.strip() for name in self.metrics.split(",") if name.strip()] or ["accuracy"]
         if self.max_length < 1 or self.batch_size < 1:
             raise ValueError("--max_length and --batch_size must be positive integers.")
@@ -758,12 +765,13 @@ def _encode_dataset(raw, tokenizer, model, args: CalibrationArguments):
 
 def _print_table(result: CalibrationResult, metric_names: list[str]) -> None:
     extra = [name for name in metric_names if name != "accuracy"]
-    header = ["setting", "threshold", "lambda", "layer speed-up", "accuracy", *extra]
-    full = result.curve[0]  # threshold 0: no sample leaves early
+    header = ["setting", "parameters", "layer speed-up", "FLOPs speed-up", "accuracy", *extra]
+    full = result.curve[0]  # the first setting of the curve lets no sample leave early
+    parameters = ", ".join(f"{name}={value:.6g}" for name, value in result.parameters.items())
     rows = [
-        ["full model", "-", "-", "1.00x", f"{result.full_accuracy:.4f}", *(f"{full.metrics[n]:.4f}" for n in extra)],
-        [f"DE3 @ {result.target_speedup:g}x", f"{result.threshold:.6g}", f"{result.lam:g}", f"{result.speedup:.2f}x",
-         f"{result.accuracy:.4f}", *(f"{result.metrics[n]:.4f}" for n in extra)],
+        ["full model", "-", "1.00x", "1.00x", f"{result.full_accuracy:.4f}", *(f"{full.metrics[n]:.4f}" for n in extra)],
+        [f"{result.policy} @ {result.target_speedup:g}x", parameters, f"{result.speedup:.2f}x",
+         f"{result.flops_speedup:.2f}x", f"{result.accuracy:.4f}", *(f"{result.metrics[n]:.4f}" for n in extra)],
     ]
     widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
     for index, line in enumerate([header, *rows]):
@@ -799,7 +807,7 @@ def main(argv: list[str] | None = None) -> CalibrationResult:
 
         metric_fn = classification_metrics(args.metric_names)
     result = calibrate(model, dataset, target_speedup=args.target_speedup, lam=args.lam, lam_grid=args.lambdas,
-                       metric_fn=metric_fn, batch_size=args.batch_size, save=True)
+                       metric_fn=metric_fn, batch_size=args.batch_size, save=True, policy=args.policy)
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -807,8 +815,11 @@ def main(argv: list[str] | None = None) -> CalibrationResult:
     tokenizer.save_pretrained(output_dir)
     (output_dir / "calibration.json").write_text(json.dumps(result.to_dict(), indent=2))
     try:
-        plot_tradeoff({f"lam={lam:g}": curve for lam, curve in result.curves.items()}, output_dir / "tradeoff.png",
-                      full_accuracy=result.full_accuracy)
+        grid_name = "lam" if "lam" in result.parameters else "patience"
+        labels = {key: result.policy if key is None else f"{result.policy}, {grid_name}={key:g}"
+                  for key in result.curves}
+        plot_tradeoff({labels[key]: curve for key, curve in result.curves.items()}, output_dir / "tradeoff.png",
+                      full_accuracy=result.full_accuracy, title=f"{result.policy}: accuracy against layer speed-up")
     except ImportError as error:
         logger.warning(f"tradeoff.png not written: {error}")
     print(f"\nCalibrated on {len(dataset)} samples of {args.validation_file}; saved to {output_dir}:")

@@ -394,9 +394,22 @@ def test_command_line_calibrates_and_saves_the_model_with_its_threshold(saved_mi
     assert (output_dir / "tradeoff.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_command_line_calibrates_another_policy_and_saves_it_as_the_default(saved_minilm, tmp_path, capsys):
+    model_dir, data, _ = saved_minilm
+    result = main(["--model_name_or_path", str(model_dir), "--validation_file", str(data), "--policy", "patience",
+                   "--target_speedup", "1.5", "--output_dir", str(tmp_path / "out"), "--max_length", "32"])
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert result.policy == "patience" and result.speedup >= 1.5
+    assert (reloaded.config.early_exit_policy, reloaded.config.early_exit_patience) == (
+        "patience", int(result.parameters["patience"]))
+    assert "patience @ 1.5x" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra, message", [(["--lam", "1", "--lam_grid", "0,1"], "not both"),
                                             (["--target_speedup", "0.5"], ">= 1"),
-                                            (["--lam_grid", "0,x"], "comma-separated numbers")])
+                                            (["--lam_grid", "0,x"], "comma-separated numbers"),
+                                            (["--policy", "oracle"], "cannot be calibrated"),
+                                            (["--policy", "entropy", "--lam", "1"], "de3 only")])
 def test_command_line_arguments_are_validated(tmp_path, extra, message):
     data = tmp_path / "dev.tsv"
     data.write_text("sentence\tlabel\nfine\tpositive\n")
