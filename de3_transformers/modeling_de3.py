@@ -415,6 +415,15 @@ class DE3ModelMixin:
         finally:
             self.train(was_training)
 
+    # Compaction keeps the running batch at a multiple of this many rows (exact below it), padding with rows whose
+    # sample already left. Fewer distinct tensor shapes keep the CPU allocator from piling up freed blocks of every
+    # size (benchmarks/results/predict_memory_cpu.md) and suit GPU kernels; it costs at most 7 spare rows per layer.
+    _compaction_multiple = 8
+
+    def _compacted_size(self, num_live: int, current: int) -> int:
+        multiple = self._compaction_multiple
+        return num_live if num_live < multiple else min(current, -(-num_live // multiple) * multiple)
+
     def _predict_early(self, input_ids, attention_mask, token_type_ids, policy, labels) -> DE3EarlyExitOutput:
         config, memory = self.config, self.prototype_memory
         exit_set = {layer: index for index, layer in enumerate(config.exit_layers)}
@@ -425,7 +434,9 @@ class DE3ModelMixin:
         batch = input_ids.shape[0]
         out_logits = hidden.new_empty(batch, config.num_labels)
         out_layers = torch.full((batch,), config.num_hidden_layers, dtype=torch.long, device=hidden.device)
-        active = torch.arange(batch, device=hidden.device)  # original row of each sample still running
+        active = torch.arange(batch, device=hidden.device)  # original sample of each running row
+        live = torch.ones(batch, dtype=torch.bool, device=hidden.device)  # False: padding row, its sample has left
+        num_live = batch
         token_mask = attention_mask  # 2D, for mean pooling; `mask` is the attention implementation's form
         state = policy.start(batch, hidden.device)
 
@@ -436,8 +447,9 @@ class DE3ModelMixin:
             exit_index = exit_set[layer_number]
             logits, features, scores = self._exit(exit_index, hidden, token_mask, with_ratio, with_scores)
             if exit_index == last_exit:
-                out_logits[active] = logits.to(out_logits.dtype)
-                out_layers[active] = layer_number
+                rows = live.nonzero().flatten() if num_live < active.numel() else slice(None)
+                out_logits[active[rows]] = logits[rows].to(out_logits.dtype)
+                out_layers[active[rows]] = layer_number
                 break
             ratio = None
             if with_ratio:
@@ -445,20 +457,28 @@ class DE3ModelMixin:
             view = ExitView(exit_index, layer_number, logits, distance_ratio=ratio, exit_scores=scores,
                             labels=None if labels is None else labels[active])
             leave, state = policy.decide(view, state)
+            leave = leave & live
             leaving = leave.nonzero().flatten()  # the one host synchronisation per exit
             if leaving.numel() == 0:
                 continue
             out_logits[active[leaving]] = logits[leaving].to(out_logits.dtype)
             out_layers[active[leaving]] = layer_number
-            if leaving.numel() == active.numel():
+            num_live -= leaving.numel()
+            if num_live == 0:
                 break
-            staying = (~leave).nonzero().flatten()
-            active, hidden = active[staying], hidden[staying]
-            state = policy.select(state, staying)
+            live = live & ~leave
+            size = self._compacted_size(num_live, active.numel())
+            if size == active.numel():
+                continue
+            # The live rows first (a stable sort keeps their order), then padding rows up to `size`; index ops on
+            # the device, no second synchronisation.
+            rows = torch.argsort((~live).to(torch.uint8), stable=True)[:size]
+            active, hidden, live = active[rows], hidden[rows], live[rows]
+            state = policy.select(state, rows)
             if mask is not None:
-                mask = mask[staying]
+                mask = mask[rows]
             if token_mask is not None:
-                token_mask = token_mask[staying]
+                token_mask = token_mask[rows]
 
         return DE3EarlyExitOutput(
             logits=out_logits, exit_layers=out_layers, speedup=layer_speedup(out_layers, config.num_hidden_layers)

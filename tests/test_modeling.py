@@ -74,6 +74,26 @@ def test_batch_matches_each_sample_run_alone(trained_model):
     assert_each_sample_alone_agrees(trained_model, input_ids, attention_mask, threshold, batched)
 
 
+def test_compaction_keeps_multiples_of_eight_rows_and_padding_rows_change_nothing(trained_model):
+    input_ids, attention_mask = mixed_length_batch(batch_size=30, seed=8)
+    full = full_signals(trained_model, input_ids, attention_mask)
+    sizes = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+             for layer in trained_model.backbone.encoder.layer]
+    try:
+        threshold = spread_thresholds(full, 1.0)[1]
+        batched = trained_model.predict_early(input_ids, attention_mask, threshold=threshold, lam=1.0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sizes[0] == 30 and all(size % 8 == 0 or size < 8 for size in sizes[1:])
+    assert len(set(sizes)) >= 2  # it did shrink
+    # The rows still running are never more than 7 above the samples still running.
+    still_running = [(batched.exit_layers >= layer).sum().item() for layer in range(1, len(sizes) + 1)]
+    assert all(size - running <= 7 or size == 30 for size, running in zip(sizes, still_running))
+    assert_each_sample_alone_agrees(trained_model, input_ids, attention_mask, threshold, batched)
+
+
 def test_threshold_zero_reproduces_the_full_model_exactly(trained_model):
     input_ids, attention_mask = mixed_length_batch(batch_size=6)
     full = full_signals(trained_model, input_ids, attention_mask)
