@@ -9,7 +9,18 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .calibration import CalibrationResult, calibrate, collect_exit_signals, evaluate_early_exit
 from .configuration_de3 import DE3BertConfig, DE3ConfigMixin, DE3RobertaConfig
-from .exit_policies import SimulatedExits, layer_speedup, simulate_early_exit
+from .exit_policies import (
+    EXIT_POLICIES,
+    ExitPolicy,
+    SimulatedExits,
+    ThresholdPolicy,
+    get_exit_policy,
+    layer_speedup,
+    register_exit_policy,
+    simulate_early_exit,
+    simulate_policy,
+)
+from .inference import predict_dataset
 from .trainer import DE3Trainer, DE3TrainingArguments
 from .modeling_de3 import (
     DE3BertForSequenceClassification,
@@ -32,6 +43,7 @@ for _config, _model in (
     _model.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "EXIT_POLICIES",
     "CalibrationResult",
     "DE3BertConfig",
     "DE3BertForSequenceClassification",
@@ -42,10 +54,16 @@ __all__ = [
     "DE3SequenceClassifierOutput",
     "DE3Trainer",
     "DE3TrainingArguments",
+    "ExitPolicy",
     "SimulatedExits",
+    "ThresholdPolicy",
     "calibrate",
     "collect_exit_signals",
     "evaluate_early_exit",
+    "get_exit_policy",
     "layer_speedup",
+    "predict_dataset",
+    "register_exit_policy",
     "simulate_early_exit",
+    "simulate_policy",
 ]
