@@ -63,17 +63,6 @@ class ExitSignals:
         return exit_views(self.exit_logits, self.exit_layers, self.entropy, self.distance_ratio, self.exit_scores,
                           self.labels)
 
-    def subset(self, rows: torch.Tensor) -> "ExitSignals":
-        """The signals of the samples `rows` (an index or bool tensor), e.g. to calibrate on one half of a dev set
-        and report on the other."""
-        def pick(tensor, dim):
-            return None if tensor is None else tensor.index_select(dim, torch.as_tensor(rows).nonzero().flatten()
-                                                                    if torch.as_tensor(rows).dtype == torch.bool
-                                                                    else torch.as_tensor(rows))
-        return ExitSignals(pick(self.exit_logits, 1), pick(self.entropy, 1), pick(self.distance_ratio, 1),
-                           pick(self.labels, 0), list(self.exit_layers), self.num_layers, pick(self.exit_scores, 1),
-                           pick(self.lengths, 0), self.flops)
-
 
 @dataclass
 class TradeoffPoint:

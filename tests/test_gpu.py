@@ -1,0 +1,43 @@
+"""GPU checks (skipped where there is no CUDA device): compact early exit on the GPU agrees with the replay of a full
+forward for every policy, in float16 and bfloat16, and with the CPU in float32."""
+
+import pytest
+import torch
+
+from de3_transformers.exit_policies import get_exit_policy, simulate_policy
+from de3_transformers.inference import predict_dataset
+
+from conftest import mixed_length_batch, tiny_model, train_prototypes
+
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name, parameters", [("de3", {"threshold": 0.4, "lam": 1.0}), ("entropy", {"threshold": 0.5}),
+                                              ("patience", {"patience": 1}), ("learned", {"threshold": 0.5})])
+def test_gpu_early_exit_matches_the_replay_in_half_precision(dtype, name, parameters):
+    model = train_prototypes(tiny_model("bert", learning_to_exit=True)).to("cuda", dtype)
+    input_ids, attention_mask = (tensor.cuda() for tensor in mixed_length_batch(batch_size=40, seed=3))
+    policy = get_exit_policy(name, **parameters)
+    result = model.predict_early(input_ids, attention_mask, policy=policy)
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask, output_exit_signals=True)
+    simulated = simulate_policy(policy, full.exit_logits, model.config.exit_layers, full.entropy, full.distance_ratio,
+                                full.exit_scores)
+    assert result.logits.device.type == "cuda" and torch.isfinite(result.logits).all()
+    # Half precision: a sample on the very boundary of the rule may flip between batch shapes; nearly all agree.
+    agree = (result.exit_layers == simulated.exit_layers).double().mean().item()
+    assert agree >= 0.95
+
+
+def test_gpu_float32_matches_the_cpu():
+    model = train_prototypes(tiny_model("bert"))
+    input_ids, attention_mask = mixed_length_batch(batch_size=24, seed=4)
+    on_cpu = model.predict_early(input_ids, attention_mask, threshold=0.5)
+    model.cuda()
+    on_gpu = model.predict_early(input_ids.cuda(), attention_mask.cuda(), threshold=0.5)
+    assert on_gpu.exit_layers.cpu().tolist() == on_cpu.exit_layers.tolist()
+    torch.testing.assert_close(on_gpu.logits.cpu(), on_cpu.logits, atol=1e-4, rtol=0)
+    rows = [{"input_ids": ids[mask.bool()].tolist()} for ids, mask in zip(input_ids, attention_mask)]
+    assert predict_dataset(model, rows, batch_size=8, threshold=0.5).exit_layers.tolist() == on_cpu.exit_layers.tolist()
