@@ -21,17 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from run_glue import main as run_glue  # noqa: E402
 
-from de3_transformers.benchmarking import cpu_name  # noqa: E402
+from de3_transformers.benchmarking import hardware, write_report  # noqa: E402
 
 
 # Per task: epochs and learning rate (MiniLM is small: a higher rate than BERT-base's 2e-5 trains it in fewer epochs).
 SETTINGS = {"sst2": ("1", "1e-4"), "rte": ("3", "5e-5"), "mrpc": ("3", "5e-5")}
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -76,10 +70,7 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`  \nHardware: {hardware()}; torch {torch.__version__}.",
         *sections,
     ])
-    out = Path(args.out or f"benchmarks/results/glue_accuracy_minilm_{args.exit_pooling}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
-    print(report)
+    write_report(report, args.out or f"benchmarks/results/glue_accuracy_minilm_{args.exit_pooling}.md")
 
 
 if __name__ == "__main__":

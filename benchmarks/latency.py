@@ -30,7 +30,7 @@ import transformers
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from de3_transformers import DE3BertConfig, DE3BertForSequenceClassification
-from de3_transformers.benchmarking import cpu_name
+from de3_transformers.benchmarking import hardware, write_report
 from de3_transformers.exit_policies import ExitPolicy, get_exit_policy
 from de3_transformers.flops import FlopsCounter
 from de3_transformers.signals import hybrid_indicator
@@ -195,11 +195,9 @@ def main() -> None:
                     print(lines[-1], flush=True)
                 print(overhead[-1], flush=True)
 
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads")
     report = "\n\n".join([
         f"# Wall-clock speed of early exit ({device.type}, {str(dtype).removeprefix('torch.')})",
-        f"Command: `python {' '.join(sys.argv)}`  \nHardware: {hardware}; torch {torch.__version__}, transformers "
+        f"Command: `python {' '.join(sys.argv)}`  \nHardware: {hardware(device)}; torch {torch.__version__}, transformers "
         f"{transformers.__version__}. Median of {args.repeats} runs after a warm-up, both models in one process.",
         "Samples leave at preassigned layers drawn per sample from `p(m) ~ exp(-k m)` with the mean giving the "
         "target layer speed-up; the DE3 decision is computed at every exit a sample reaches. 'wall / layer' is "
@@ -209,10 +207,7 @@ def main() -> None:
         "decision runs) against the plain model",
         "\n".join(overhead),
     ])
-    out = Path(args.out or f"benchmarks/results/latency_{device.type}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
-    print(report)
+    write_report(report, args.out or f"benchmarks/results/latency_{device.type}.md")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def report(args) -> None:
         policy_curves,
         signal_rank_correlation,
     )
-    from de3_transformers.benchmarking import cpu_name
+    from de3_transformers.benchmarking import hardware, write_report
     from de3_transformers.calibration import calibrate, collect_exit_signals, evaluate_early_exit, tradeoff_curve
     from de3_transformers.data import GLUE_TASKS
     from de3_transformers.exit_policies import get_exit_policy
@@ -187,7 +187,7 @@ def report(args) -> None:
 
     report_text = "\n\n".join([
         "# Exit policies compared on GLUE with the real MiniLM (all-MiniLM-L6-v2, 6 layers)",
-        f"Command: `python {' '.join(sys.argv)}`  \nHardware: {hardware(cpu_name)}; torch {torch.__version__}. "
+        f"Command: `python {' '.join(sys.argv)}`  \nHardware: {hardware()}; torch {torch.__version__}. "
         "Models trained by the `train` phase (full train sets, seed 42, exit_pooling=mean).",
         "`de3`: DE3 objective (dar_alpha 0.01). `joint_ce`: plain joint cross-entropy (dar_alpha 0) with BERxiT "
         "learning-to-exit heads on detached features. Every policy is calibrated on the first half of the dev set "
@@ -197,15 +197,8 @@ def report(args) -> None:
         "policy_comparison/.",
         *sections,
     ])
-    out.write_text(report_text + "\n")
+    write_report(report_text, out)
     (figures / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(report_text)
-
-
-def hardware(cpu_name) -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:

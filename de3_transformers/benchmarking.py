@@ -14,4 +14,24 @@ def cpu_name() -> str:
     return next(names, fallback)
 
 
-__all__ = ["cpu_name"]
+def hardware(device=None) -> str:
+    """What a benchmark ran on: the GPU's name for a CUDA device (the default where CUDA is available), else the CPU
+    model and torch's thread count."""
+    import torch
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def write_report(text: str, path) -> Path:
+    """Writes a benchmark's markdown report (creating its folder), prints it, and returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(text)
+    return path
+
+
+__all__ = ["cpu_name", "hardware", "write_report"]

@@ -159,9 +159,10 @@ class ThresholdPolicy(ExitPolicy):
     threshold: float | torch.Tensor = 0.0
     exits_below: ClassVar[bool] = True
     signal_range: ClassVar[tuple[float | None, float | None]] = (0.0, 1.0)
+    threshold_minimum: ClassVar[float | None] = None  # the smallest threshold that makes sense, if any
 
     def __post_init__(self):
-        _check_real("threshold", self.threshold)
+        _check_real("threshold", self.threshold, low=self.threshold_minimum)
 
     def signal(self, view: ExitView) -> torch.Tensor:
         raise NotImplementedError
@@ -208,9 +209,7 @@ class EntropyPolicy(ThresholdPolicy):
     """DeeBERT: exit when the normalised entropy `E < threshold` (METHOD.md eq. 8)."""
 
     name: ClassVar[str] = "entropy"
-
-    def __post_init__(self):
-        _check_real("threshold", self.threshold, low=0.0)
+    threshold_minimum: ClassVar[float] = 0.0
 
     def signal(self, view):
         return view.entropy
@@ -233,9 +232,7 @@ class EnergyPolicy(ThresholdPolicy):
     """COSEE / E-LANG: exit when the normalised energy `sigmoid(-logsumexp(logits)) < threshold`."""
 
     name: ClassVar[str] = "energy"
-
-    def __post_init__(self):
-        _check_real("threshold", self.threshold, low=0.0)
+    threshold_minimum: ClassVar[float] = 0.0
 
     def signal(self, view):
         return torch.sigmoid(-torch.logsumexp(view.logits.float(), dim=-1))
