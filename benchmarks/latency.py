@@ -115,19 +115,21 @@ def batches(sequences, batch_size: int, device):
     return out
 
 
-def timed(run, device, repeats: int) -> float:
-    """Median seconds of `run()` over `repeats` runs after one warm-up run."""
-    run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def timed(runs: dict, device, repeats: int) -> dict:
+    """Median seconds of each `runs[name]()` over `repeats` rounds after one warm-up round. The runs take turns
+    within each round, so a drift of the machine's speed (clock, neighbours on a shared host) hits all alike."""
+    times = {name: [] for name in runs}
+    for round_index in range(repeats + 1):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_index:  # round 0 is the warm-up
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -174,23 +176,26 @@ def main() -> None:
                             model.predict_early(ids, mask, policy=policy_for(rows)).logits.cpu()
                     return run
 
-                plain_time = timed(run_plain, device, args.repeats)
                 zero = get_exit_policy("de3", threshold=0.0, lam=1.0)
-                zero_time = timed(run_early(lambda rows: zero), device, args.repeats)
-                overhead.append(f"| {name} | {kind} | {batch_size} | {plain_time:.4f} | {zero_time:.4f} | "
-                                f"{100 * (zero_time / plain_time - 1):+.1f}% |")
+                schedules = {}
                 for target in args.speedups:
                     probabilities = exit_distribution(num_layers, target)
-                    exit_layers = torch.multinomial(probabilities, count, replacement=True, generator=generator) + 1
-                    exit_index = exit_layers - 1  # every layer carries an exit here
-                    early_time = timed(run_early(lambda rows: ScheduledExit(targets=exit_index[rows])), device,
-                                       args.repeats)
-                    layer_speedup = num_layers * count / exit_layers.sum().item()
+                    schedules[target] = torch.multinomial(probabilities, count, replacement=True,
+                                                          generator=generator)  # exit index; every layer has one
+                runs = {"plain": run_plain, "zero": run_early(lambda rows: zero)}
+                for target, exit_index in schedules.items():
+                    runs[target] = run_early(lambda rows, exit_index=exit_index: ScheduledExit(targets=exit_index[rows]))
+                seconds = timed(runs, device, args.repeats)
+                plain_time = seconds["plain"]
+                overhead.append(f"| {name} | {kind} | {batch_size} | {plain_time:.4f} | {seconds['zero']:.4f} | "
+                                f"{100 * (seconds['zero'] / plain_time - 1):+.1f}% |")
+                for target, exit_index in schedules.items():
+                    layer_speedup = num_layers * count / (exit_index + 1).sum().item()
                     flops_speedup = float(counter.speedup(exit_index, lengths, prototypes=True))
-                    wall = plain_time / early_time
+                    wall = plain_time / seconds[target]
                     lines.append(
                         f"| {name} | {kind} | {batch_size} | {target:g}x | {layer_speedup:.2f}x | {flops_speedup:.2f}x "
-                        f"| {wall:.2f}x | {wall / layer_speedup:.2f} | {count / early_time:.1f} | "
+                        f"| {wall:.2f}x | {wall / layer_speedup:.2f} | {count / seconds[target]:.1f} | "
                         f"{count / plain_time:.1f} |")
                     print(lines[-1], flush=True)
                 print(overhead[-1], flush=True)
@@ -198,7 +203,7 @@ def main() -> None:
     report = "\n\n".join([
         f"# Wall-clock speed of early exit ({device.type}, {str(dtype).removeprefix('torch.')})",
         f"Command: `python {' '.join(sys.argv)}`  \nHardware: {hardware(device)}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}. Median of {args.repeats} runs after a warm-up, both models in one process.",
+        f"{transformers.__version__}. Median of {args.repeats} rounds after a warm-up round; in each round the plain model and every early-exit setting run in turn on the same samples, in one process.",
         "Samples leave at preassigned layers drawn per sample from `p(m) ~ exp(-k m)` with the mean giving the "
         "target layer speed-up; the DE3 decision is computed at every exit a sample reaches. 'wall / layer' is "
         "the share of the layer speed-up delivered in seconds (goal: at least 0.9).",

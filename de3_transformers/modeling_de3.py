@@ -408,12 +408,13 @@ class DE3ModelMixin:
                 raise ValueError(f"policy {policy.name!r} needs labels=, one class id per sample of the batch.")
             labels = labels.to(input_ids.device)
 
-        was_training = self.training
+        if not self.training:  # the usual case; switching modes walks every submodule, twice per call
+            return self._predict_early(input_ids, attention_mask, token_type_ids, policy, labels)
         self.eval()
         try:
             return self._predict_early(input_ids, attention_mask, token_type_ids, policy, labels)
         finally:
-            self.train(was_training)
+            self.train()
 
     # Compaction keeps the running batch at a multiple of this many rows (exact below it), padding with rows whose
     # sample already left. Fewer distinct tensor shapes keep the CPU allocator from piling up freed blocks of every
