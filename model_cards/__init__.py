@@ -6,6 +6,7 @@ metadata (`library_name`, `tags`, `datasets`, `metrics`, `base_model`, `license`
 a section whose data was not given is left out.
 """
 
+import dataclasses
 import math
 import numbers
 import re
@@ -271,7 +272,9 @@ def _training_rows(config, dataset_name: str, base_model: str | None, setup: dic
 def _calibration_rows(calibration) -> list[tuple[str, str]]:
     if calibration is None:
         return []
+    policy = getattr(calibration, "policy", "de3")
     rows = [
+        ("Exit policy", None if policy == "de3" else f"`{policy}` {getattr(calibration, 'parameters', {})}", str),
         ("Threshold", calibration.threshold, _setting),
         ("Lambda", calibration.lam, _setting),
         ("Target layer speed-up", calibration.target_speedup, _speedup),
@@ -289,8 +292,8 @@ def _calibration_rows(calibration) -> list[tuple[str, str]]:
 
 def _calibrated_note(config, calibration) -> dict | None:
     """Whether the saved config's exit defaults are the calibrated setting, and if not, what to pass instead."""
-    if calibration is None:
-        return None
+    if calibration is None or getattr(calibration, "policy", "de3") != "de3":
+        return None  # the note is written for DE3's threshold and lambda; other policies show their parameters
     saved = (config.early_exit_threshold, config.early_exit_lambda) == (calibration.threshold, calibration.lam)
     return {"saved": saved, "threshold": repr(float(calibration.threshold)), "lam": repr(float(calibration.lam))}
 
@@ -300,7 +303,7 @@ def _curve_subset(curve: Sequence) -> list:
     if not curve:
         return []
     nearest = {min(range(len(curve)), key=lambda i: abs(curve[i].speedup - target)) for target in TRADEOFF_SPEEDUPS}
-    return sorted((curve[i] for i in nearest), key=lambda point: (point.speedup, point.threshold))
+    return sorted((curve[i] for i in nearest), key=lambda point: point.speedup)
 
 
 def _row_values(row) -> dict:
@@ -379,14 +382,29 @@ def _split_eval_metrics(eval_metrics: Mapping) -> dict[str, dict[str, float]]:
 
 
 def _early_exit_setting(config, calibration) -> dict:
-    """The threshold and lambda the early-exit results stand for: the calibrated ones, else the saved defaults."""
+    """The exit setting the early-exit results stand for: the calibrated one, else the saved defaults."""
     if calibration is not None:
-        return {"threshold": calibration.threshold, "lam": calibration.lam, "source": "calibrated"}
-    return {"threshold": config.early_exit_threshold, "lam": config.early_exit_lambda, "source": "saved default"}
+        return {"threshold": calibration.threshold, "lam": calibration.lam, "source": "calibrated",
+                "policy": getattr(calibration, "policy", "de3"), "parameters": getattr(calibration, "parameters", {})}
+    from de3_transformers.exit_policies import EXIT_POLICIES
+
+    policy = getattr(config, "early_exit_policy", "de3")
+    fields = {field.name for field in dataclasses.fields(EXIT_POLICIES[policy])} if policy in EXIT_POLICIES else set()
+    defaults = {"threshold": config.early_exit_threshold, "patience": getattr(config, "early_exit_patience", None)}
+    return {"threshold": config.early_exit_threshold, "lam": config.early_exit_lambda, "source": "saved default",
+            "policy": policy, "parameters": {name: value for name, value in defaults.items() if name in fields}}
+
+
+def _describe_setting(early_exit: dict) -> str:
+    """`threshold T, lambda L` for DE3; the policy and its parameters for another policy."""
+    if early_exit.get("policy", "de3") == "de3":
+        return f"threshold {_setting(early_exit['threshold'])}, lambda {_setting(early_exit['lam'])}"
+    parameters = ", ".join(f"{name} {_setting(value)}" for name, value in early_exit["parameters"].items())
+    return f"policy {early_exit['policy']}" + (f", {parameters}" if parameters else "")
 
 
 def _early_exit_label(early_exit: dict, speedup: float | None) -> str:
-    label = f"early exit, threshold {_setting(early_exit['threshold'])}, lambda {_setting(early_exit['lam'])}"
+    label = f"early exit, {_describe_setting(early_exit)}"
     return label if speedup is None else f"{label}, {_speedup(speedup)} layer speed-up"
 
 
@@ -429,9 +447,7 @@ def _evaluation_table(config, evaluation: dict, early_exit: dict) -> dict | None
         if setting == "full_model":
             label, speedup = f"Full model (all {config.num_hidden_layers} layers)", 1.0  # eq. 12 with every exit at M
         else:
-            label = (
-                f"Early exit (threshold {_setting(early_exit['threshold'])}, lambda {_setting(early_exit['lam'])})"
-            )
+            label = f"Early exit ({_describe_setting(early_exit)})"
             speedup = early_speedup
         row = [label] + ([_speedup(speedup) if speedup is not None else "-"] if early_speedup is not None else [])
         rows.append(row + [_metric(metrics[name]) if name in metrics else "-" for name in names])

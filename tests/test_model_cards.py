@@ -302,3 +302,17 @@ def test_trainer_evaluate_output_goes_into_the_card_as_it_is(tmp_path):
     early = next(name for name in values if name.startswith("Accuracy (early exit"))
     assert values[early] == metrics["eval_early_exit_accuracy"]
     assert f"{metrics['eval_early_exit_speedup']:.2f}x" in early
+
+
+def test_calibration_of_another_policy_names_it_and_its_parameters():
+    from de3_transformers.calibration import calibrate
+
+    from conftest import mixed_length_batch, train_prototypes
+
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=12, seed=11)
+    rows = [{"input_ids": ids[mask.bool()].tolist(), "label": index % 2}
+            for index, (ids, mask) in enumerate(zip(input_ids, attention_mask))]
+    result = calibrate(model, rows, target_speedup=1.5, policy="patience")
+    text = build_model_card(model, task_name="rte", dataset_name="nyu-mll/glue", calibration=result).text
+    assert "`patience`" in text and "'patience'" in text
