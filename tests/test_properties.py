@@ -6,6 +6,7 @@ violation of what METHOD.md promises for every input.
 """
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import assume, example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from de3_transformers import simulate_early_exit
-from de3_transformers.exit_policies import layer_speedup
+from de3_transformers.exit_policies import exit_views, get_exit_policy, layer_speedup, simulate_first_exits
 from de3_transformers.signals import distance_ratio, hybrid_indicator, normalized_entropy, prototype_distances
 
 from conftest import BACKBONES, mixed_length_batch, tiny_model, train_prototypes
@@ -243,3 +244,32 @@ def test_compact_early_exit_equals_simulation_from_a_full_forward(problem):
     torch.testing.assert_close(result.logits, simulated.logits, atol=1e-5, rtol=0)
     assert result.speedup == pytest.approx(simulated.speedup)
     assert result.speedup == pytest.approx(layer_speedup(result.exit_layers, model.config.num_hidden_layers))
+
+
+# Every policy's sweep, on random signals: from "nobody leaves early" to the most early exits, one step at a time.
+
+
+@st.composite
+def random_views(draw):
+    """Views of 3 early exits over 6 samples: random logits (3 classes), distance ratios and LTE scores."""
+    def values(*shape, low=-6.0, high=6.0):
+        flat = draw(st.lists(st.floats(low, high, width=32), min_size=math.prod(shape), max_size=math.prod(shape)))
+        return torch.tensor(flat, dtype=torch.float32).view(*shape)
+
+    logits, ratio, scores = values(4, 6, 3), values(3, 6, low=0.0, high=1.0), values(3, 6, low=0.0, high=1.0)
+    return exit_views(logits, [1, 2, 3, 4], normalized_entropy(logits[:-1]), ratio, scores)
+
+
+@settings(max_examples=60, deadline=None)
+@given(views=random_views(), name=st.sampled_from(["de3", "entropy", "max_prob", "energy", "patience",
+                                                    "patient_confident", "learned"]))
+def test_every_policy_sweep_moves_exits_earlier_step_by_step(views, name):
+    policy = get_exit_policy(name, lam=1.0, patience=2)
+    values = policy.sweep_values(views)
+    first = simulate_first_exits(policy.with_value(torch.tensor(values).view(-1, 1)), views).expand(len(values), 6)
+    assert (first[0] == len(views)).all()  # the first value lets no sample leave early
+    assert (first[1:] <= first[:-1]).all()  # each further value makes no sample leave later
+    earliest = 1 if name == "patient_confident" else 0  # two consecutive confident exits are needed
+    assert (first[-1] == earliest).all()  # the last value sends every sample out as early as the rule allows
+    for row, value in enumerate(values):  # the [T, 1] replay equals one policy per value
+        assert torch.equal(simulate_first_exits(policy.with_value(value), views), first[row])
