@@ -320,7 +320,8 @@ def _point(signals, policy: ExitPolicy, first: torch.Tensor, predictions, metric
     if signals.flops is not None and signals.lengths is not None:
         flops = float(signals.flops.speedup(first, signals.lengths, policy.needs_distance_ratio,
                                             policy.needs_exit_scores))
-    parameters = {key: float(value) for key, value in policy.parameters().items()}
+    parameters = {key: float(value) if isinstance(value, numbers.Real) else value
+                  for key, value in policy.parameters().items()}
     return TradeoffPoint(
         threshold=parameters.get("threshold"),
         lam=parameters.get("lam", 0.0),
