@@ -124,14 +124,15 @@ def _label_key(row) -> str:
     )
 
 
-def _collate(rows: list[dict], pad_token_id: int, label_key: str) -> dict[str, torch.Tensor]:
-    """Right-pads a list of tokenized rows into a batch (attention mask 0 on the padding).
+def _pad_rows(rows: list[dict], pad_token_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pads a list of tokenized rows into a batch (attention mask 0 on the padding), to `length` tokens or to
+    the longest row.
 
     Not `DataCollatorWithPadding`: that needs a tokenizer, and a saved model folder may have none. The padding is the
     model's own `pad_token_id`, as its tokenizer would write it (RoBERTa derives position ids from that id).
     """
     ids = [torch.as_tensor(row["input_ids"], dtype=torch.long).flatten() for row in rows]
-    length = max(row.numel() for row in ids)
+    length = max(row.numel() for row in ids) if length is None else length
     batch = {"input_ids": torch.full((len(rows), length), pad_token_id, dtype=torch.long),
              "attention_mask": torch.zeros(len(rows), length, dtype=torch.long)}
     with_types = "token_type_ids" in rows[0]
@@ -144,6 +145,12 @@ def _collate(rows: list[dict], pad_token_id: int, label_key: str) -> dict[str, t
         batch["attention_mask"][index, :size] = 1 if mask is None else torch.as_tensor(mask).flatten()
         if with_types:
             batch["token_type_ids"][index, :size] = torch.as_tensor(row["token_type_ids"]).flatten()
+    return batch
+
+
+def _collate(rows: list[dict], pad_token_id: int, label_key: str) -> dict[str, torch.Tensor]:
+    """[`_pad_rows`] plus the rows' labels, checked to be integer class ids."""
+    batch = _pad_rows(rows, pad_token_id)
     values = [row[label_key] for row in rows]
     try:
         labels = torch.as_tensor([int(value) if isinstance(value, np.integer) else value for value in values])

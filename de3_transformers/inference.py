@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .calibration import _progress
+from .calibration import _pad_rows, _progress
 from .exit_policies import layer_speedup
 from .modeling_de3 import DE3EarlyExitOutput
 
@@ -54,10 +54,8 @@ def predict_dataset(
         raise ValueError(f"Rows need input_ids (tokenized texts); the first row has {sorted(dataset[0])}.")
     device = torch.device(device) if device is not None else model.device
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    rows = [torch.as_tensor(row["input_ids"], dtype=torch.long).flatten() for row in dataset]
-    types = [row["token_type_ids"] for row in dataset] if "token_type_ids" in dataset[0] else None
-    masks = [row["attention_mask"] for row in dataset] if "attention_mask" in dataset[0] else None
-    lengths = torch.tensor([tokens.numel() for tokens in rows])
+    rows = list(dataset)
+    lengths = torch.tensor([torch.as_tensor(row["input_ids"]).numel() for row in rows])
     order = torch.argsort(lengths, descending=True, stable=True) if sort_by_length else torch.arange(len(rows))
     logits, exit_layers = None, torch.empty(len(rows), dtype=torch.long)
     chunks = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
@@ -65,19 +63,8 @@ def predict_dataset(
         length = int(lengths[chunk].max())
         if pad_to_multiple_of is not None:
             length = max(length, min(-(-length // pad_to_multiple_of) * pad_to_multiple_of, model.max_sequence_length))
-        input_ids = torch.full((chunk.numel(), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros(chunk.numel(), length, dtype=torch.long)
-        token_type_ids = torch.zeros(chunk.numel(), length, dtype=torch.long) if types is not None else None
-        for slot, index in enumerate(chunk.tolist()):
-            size = rows[index].numel()
-            input_ids[slot, :size] = rows[index]
-            attention_mask[slot, :size] = 1 if masks is None else torch.as_tensor(masks[index]).flatten()
-            if token_type_ids is not None:
-                token_type_ids[slot, :size] = torch.as_tensor(types[index]).flatten()
-        result = model.predict_early(
-            input_ids.to(device), attention_mask.to(device),
-            None if token_type_ids is None else token_type_ids.to(device), **predict_kwargs,
-        )
+        batch = _pad_rows([rows[index] for index in chunk.tolist()], pad, length)
+        result = model.predict_early(**{name: tensor.to(device) for name, tensor in batch.items()}, **predict_kwargs)
         if logits is None:
             logits = torch.empty(len(rows), result.logits.shape[-1], dtype=result.logits.dtype)
         logits[chunk], exit_layers[chunk] = result.logits.cpu(), result.exit_layers.cpu()
