@@ -9,7 +9,6 @@ forward per sample, whatever the number of thresholds, lambdas or policies.
         --text_column sentence --label_column label --target_speedup 2.0 --lam_grid 0,1,2 --output_dir OUT
 """
 
-import dataclasses
 import json
 import numbers
 import sys
@@ -430,7 +429,7 @@ def _policy_grid(config, policy, lam, lam_grid, patience, patience_grid) -> list
     if policy == "oracle":
         raise ValueError("The oracle policy has nothing to calibrate: it is the upper bound (see tradeoff_curve).")
     probe = get_exit_policy(policy)
-    names = {field.name for field in dataclasses.fields(probe)}
+    names = probe.parameter_names()
     if (lam is not None or lam_grid is not None) and "lam" not in names:
         raise ValueError(f"lam and lam_grid apply to the de3 policy, not to {policy!r}.")
     if (patience is not None or patience_grid is not None) and ("patience" not in names or probe.sweep == "patience"):

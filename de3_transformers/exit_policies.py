@@ -121,9 +121,14 @@ class ExitPolicy:
         """A copy with the `sweep` parameter set to `value` (a number, or a `[T, 1]` tensor in simulation)."""
         return dataclasses.replace(self, **{self.sweep: value})
 
+    @classmethod
+    def parameter_names(cls) -> set[str]:
+        """The names of the policy's parameters (its dataclass fields)."""
+        return {field.name for field in dataclasses.fields(cls)}
+
     def parameters(self) -> dict[str, Any]:
         """The policy's parameters, as numbers."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in self.parameter_names()}
 
 
 def _between(values: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
@@ -359,7 +364,7 @@ def get_exit_policy(policy: "str | ExitPolicy", **parameters) -> ExitPolicy:
             "register your own with de3_transformers.exit_policies.register_exit_policy."
         )
     policy_class = EXIT_POLICIES[policy]
-    names = {field.name for field in dataclasses.fields(policy_class)}
+    names = policy_class.parameter_names()
     return policy_class(**{key: value for key, value in parameters.items() if key in names and value is not None})
 
 

@@ -342,7 +342,7 @@ class DE3ModelMixin:
         if threshold is None:
             if name == config.early_exit_policy:
                 threshold = config.early_exit_threshold
-            elif name in EXIT_POLICIES and "threshold" in {f.name for f in dataclasses.fields(EXIT_POLICIES[name])}:
+            elif name in EXIT_POLICIES and "threshold" in EXIT_POLICIES[name].parameter_names():
                 raise ValueError(
                     f"policy={name!r} needs a threshold: this config was calibrated for policy "
                     f"{config.early_exit_policy!r}. Pass threshold=, or calibrate with policy={name!r}."

@@ -6,7 +6,6 @@ metadata (`library_name`, `tags`, `datasets`, `metrics`, `base_model`, `license`
 a section whose data was not given is left out.
 """
 
-import dataclasses
 import math
 import numbers
 import re
@@ -125,7 +124,7 @@ def build_model_card(
     if not metric_types and calibration is not None:
         metric_types = list(dict.fromkeys(["accuracy", *(calibration.metrics or {})]))
     metric_types = [name for name in metric_types if name != "speedup"]  # a cost, not a quality metric
-    early_exit = _early_exit_setting(config, calibration)
+    early_exit = _early_exit_setting(model, calibration)
     eval_results = _eval_results(evaluation, early_exit, task_name, dataset_name)
 
     card_data = ModelCardData(
@@ -381,18 +380,15 @@ def _split_eval_metrics(eval_metrics: Mapping) -> dict[str, dict[str, float]]:
     return split
 
 
-def _early_exit_setting(config, calibration) -> dict:
+def _early_exit_setting(model, calibration) -> dict:
     """The exit setting the early-exit results stand for: the calibrated one, else the saved defaults."""
     if calibration is not None:
         return {"threshold": calibration.threshold, "lam": calibration.lam, "source": "calibrated",
                 "policy": getattr(calibration, "policy", "de3"), "parameters": getattr(calibration, "parameters", {})}
-    from de3_transformers.exit_policies import EXIT_POLICIES
-
-    policy = getattr(config, "early_exit_policy", "de3")
-    fields = {field.name for field in dataclasses.fields(EXIT_POLICIES[policy])} if policy in EXIT_POLICIES else set()
-    defaults = {"threshold": config.early_exit_threshold, "patience": getattr(config, "early_exit_patience", None)}
+    config = model.config
+    policy = model._exit_policy(None, None, None, None)  # what `predict_early()` runs with the saved defaults
     return {"threshold": config.early_exit_threshold, "lam": config.early_exit_lambda, "source": "saved default",
-            "policy": policy, "parameters": {name: value for name, value in defaults.items() if name in fields}}
+            "policy": policy.name, "parameters": policy.parameters()}
 
 
 def _describe_setting(early_exit: dict) -> str:
