@@ -205,7 +205,10 @@ class DE3Policy(ThresholdPolicy):
 
     def signal(self, view):
         if self.lam > 0 and view.distance_ratio is None:
-            raise ValueError(f"lam={self.lam} needs the distance ratio, which this view lacks; use lam=0 or train the model.")
+            raise ValueError(
+                f"lam={self.lam} needs the distance ratio, which is missing (some prototypes were never initialised): "
+                "train the model with labels first, or use lam=0 (entropy alone)."
+            )
         return hybrid_indicator(view.entropy, view.distance_ratio, self.lam)
 
 
@@ -465,12 +468,6 @@ def simulate_early_exit(
     Raises:
         ValueError: if `threshold` or `lam` is out of range, or `ratio` is `None` while `lam > 0`.
     """
-    check_exit_parameters(threshold, lam)
-    if ratio is None and lam > 0 and entropy.shape[0] > 0:
-        raise ValueError(
-            "distance_ratio is None (some prototypes were never initialised), so only lam=0 can be simulated. "
-            "Train the model with labels first."
-        )
     return simulate_policy(DE3Policy(threshold=threshold, lam=lam), exit_logits, exit_layers, entropy, ratio)
 
 
