@@ -32,7 +32,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import de3_transformers  # noqa: F401  (registers the DE3 models with the Auto classes)
 from de3_transformers import DE3BertForSequenceClassification, calibrate
-from de3_transformers.benchmarking import cpu_name
+from de3_transformers.benchmarking import hardware, write_report
 from de3_transformers.data import load_vader_movie_reviews
 
 
@@ -62,11 +62,6 @@ def peak_rss_mib() -> float:
     """Highest resident set size this process has had, in MiB (`ru_maxrss` is in KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MIB if sys.platform == "darwin" else peak / 1024
-
-
-def hardware() -> str:
-    """The CPU the benchmark ran on (it runs on the CPU even where a GPU is present)."""
-    return f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def allocator() -> str:
@@ -214,7 +209,7 @@ def main() -> None:
     ]
     report = "\n\n".join([
         "# Memory of `predict_early` under load (CPU)",
-        f"Command: `{command()}`  \nHardware: {hardware()}; torch {torch.__version__}, "
+        f"Command: `{command()}`  \nHardware: {hardware('cpu')}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}; 1-minute load average "
         f"{load_start:.2f} when the loop started, {os.getloadavg()[0]:.2f} when it ended (this run's own "
         f"{torch.get_num_threads()} threads count about {torch.get_num_threads()}; more means other processes "
@@ -224,10 +219,7 @@ def main() -> None:
         verdict,
     ])
     print()
-    print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + "\n")
+    out = write_report(report, args.out)
     print(f"\nReport written to {out}.")
 
 

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts under `benchmarks/`."""
 
+import os
 import platform
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def hardware(device=None) -> str:
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
+    return f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def write_report(text: str, path) -> Path:
