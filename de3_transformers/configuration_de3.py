@@ -138,6 +138,21 @@ class DE3ConfigMixin:
             )
 
 
+def check_number(name: str, value, low: float | None = None, integer: bool = False, hint: str = "") -> None:
+    """Checks that an exit parameter is a finite real number (not a bool), at least `low`, and integral if asked
+    (an integral float such as 3.0 counts).
+
+    Raises:
+        ValueError: naming the parameter, its value and the accepted range (plus `hint`).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+        low is not None and value < low
+    ) or (integer and value != int(value)):
+        wanted = "an integer" if integer else "a finite number"
+        bound = "" if low is None else f" >= {low:g}"
+        raise ValueError(f"{name}={value!r} is out of range: it must be {wanted}{bound}{hint}.")
+
+
 def check_exit_parameters(threshold: float, lam: float) -> None:
     """Checks an exit threshold and the EDR lambda.
 
@@ -145,12 +160,9 @@ def check_exit_parameters(threshold: float, lam: float) -> None:
         ValueError: if either is not a finite number >= 0 (NaN included).
     """
     for name, value in (("threshold", threshold), ("lam", lam)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
-            raise ValueError(
-                f"{name}={value!r} is out of range: it must be a finite number >= 0 "
-                "(threshold 0 never exits early, a threshold above 1 always exits at the first exit; "
-                "lam 0 exits on entropy alone, the paper searches lam in [0, 10])."
-            )
+        check_number(name, value, low=0.0, hint=(
+            " (threshold 0 never exits early, a threshold above 1 always exits at the first exit; "
+            "lam 0 exits on entropy alone, the paper searches lam in [0, 10])"))
 
 
 class DE3BertConfig(DE3ConfigMixin, BertConfig):
@@ -180,4 +192,4 @@ class DE3RobertaConfig(DE3ConfigMixin, RobertaConfig):
     model_type = "de3_roberta"
 
 
-__all__ = ["DE3BertConfig", "DE3ConfigMixin", "DE3RobertaConfig", "check_exit_parameters"]
+__all__ = ["DE3BertConfig", "DE3ConfigMixin", "DE3RobertaConfig", "check_exit_parameters", "check_number"]

@@ -27,13 +27,12 @@ register it with [`register_exit_policy`]:
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from .configuration_de3 import check_exit_parameters
+from .configuration_de3 import check_exit_parameters, check_number
 from .signals import hybrid_indicator, normalized_entropy
 
 
@@ -73,14 +72,10 @@ def select_rows(state: Any, rows: torch.Tensor) -> Any:
     return type(state)(select_rows(part, rows) for part in state)
 
 
-def _check_real(name: str, value, low: float | None = None, integer: bool = False) -> None:
-    if isinstance(value, torch.Tensor):  # a sweep of many values, built by calibration
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
-        low is not None and value < low
-    ) or (integer and value != int(value)):  # an integral float (3.0, from a sweep) counts as an integer
-        wanted = "an integer" if integer else "a finite number"
-        raise ValueError(f"{name}={value!r} is out of range: it must be {wanted}{'' if low is None else f' >= {low:g}'}.")
+def _check_parameter(name: str, value, **limits) -> None:
+    """[`check_number`], except for a tensor: calibration builds those to replay many values at once."""
+    if not isinstance(value, torch.Tensor):
+        check_number(name, value, **limits)
 
 
 class ExitPolicy:
@@ -167,7 +162,7 @@ class ThresholdPolicy(ExitPolicy):
     threshold_minimum: ClassVar[float | None] = None  # the smallest threshold that makes sense, if any
 
     def __post_init__(self):
-        _check_real("threshold", self.threshold, low=self.threshold_minimum)
+        _check_parameter("threshold", self.threshold, low=self.threshold_minimum)
 
     def signal(self, view: ExitView) -> torch.Tensor:
         raise NotImplementedError
@@ -270,7 +265,7 @@ class PatiencePolicy(ExitPolicy):
     patience: int | torch.Tensor = 2
 
     def __post_init__(self):
-        _check_real("patience", self.patience, low=0, integer=True)
+        _check_parameter("patience", self.patience, low=0, integer=True)
 
     def start(self, batch_size, device):
         return (torch.full((batch_size,), -1, dtype=torch.long, device=device),
@@ -296,8 +291,8 @@ class PatientConfidentPolicy(ExitPolicy):
     patience: int | torch.Tensor = 2
 
     def __post_init__(self):
-        _check_real("threshold", self.threshold, low=0.0)
-        _check_real("patience", self.patience, low=1, integer=True)
+        _check_parameter("threshold", self.threshold, low=0.0)
+        _check_parameter("patience", self.patience, low=1, integer=True)
 
     def start(self, batch_size, device):
         return torch.zeros(batch_size, dtype=torch.long, device=device)
