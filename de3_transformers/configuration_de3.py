@@ -10,6 +10,8 @@ from transformers import BertConfig, RobertaConfig
 DISTANCES = ("cosine", "euclidean")
 DAR_TYPES = ("center", "alienation", "combined")
 EXIT_POOLINGS = ("first", "mean")
+TRAINING_OBJECTIVES = ("de3", "cosee", "mpee")
+COSEE_SIGNALS = ("energy", "entropy", "max_prob")
 
 
 @dataclass(kw_only=True)
@@ -52,6 +54,38 @@ class DE3ConfigMixin:
         learning_to_exit (`bool`, *optional*, defaults to `False`):
             Adds a BERxiT learning-to-exit head (`Linear(hidden, 1)` + sigmoid) to every exit below the top, trained
             with MSE against whether that exit's prediction is right; the `"learned"` policy reads it.
+        training_objective (`str`, *optional*, defaults to `"de3"`):
+            The loss of `forward` with labels; `dar_alpha` times DAR is added to each (0 leaves DAR out).
+            `"de3"`: depth-weighted cross-entropy at every exit (METHOD.md section 2). `"cosee"`: COSEE's sample
+            weighting and online signal calibration (section 4). `"mpee"`: cross-entropy at every exit plus MPEE's
+            weighted ensemble self-distillation (section 5); pair it with `token_exit_ratio` and `exit_memory`.
+        cosee_signal (`str`, *optional*, defaults to `"energy"`):
+            The exit signal COSEE simulates exits with and calibrates: `"energy"` (normalised energy, the paper's
+            default), `"entropy"` or `"max_prob"`. Exit with the policy of the same name.
+        cosee_num_thresholds (`int`, *optional*, defaults to 5):
+            `K`, the thresholds drawn per step from the signal range of the previous epoch.
+        cosee_beta (`float`, *optional*, defaults to 10.0):
+            `beta_0` of the sample weights `softmax_m(-beta_t |m - m*|)`; `beta_t` grows linearly from 0 over
+            training.
+        cosee_alpha (`float`, *optional*, defaults to 0.1):
+            Weight of the online signal calibration loss.
+        cosee_margin (`float`, *optional*, defaults to 0.3):
+            `epsilon`, the margin of the calibration hinge.
+        token_exit_ratio (`float`, *optional*, defaults to 0.0):
+            MPEE's `R_ee`, in [0, 1): after each layer of `token_exit_layers` every sample keeps its first token and
+            the `floor(N (1 - R_ee))` of its `N` other tokens with the highest class-attention memory, and fuses the
+            rest into one fusion token. 0 keeps every token (no token exit); MPEE uses 0.7.
+        token_exit_layers (`list[int]`, *optional*):
+            The layers after which tokens exit (1..`num_hidden_layers - 1`). Defaults to the layers at a third and two
+            thirds of the depth (4 and 8 of 12, 2 and 4 of 6); the paper does not say which.
+        class_attention_momentum (`float`, *optional*, defaults to 0.5):
+            MPEE's `beta` of the class-attention memory `A_m = (1 - beta) A_m + beta A_class`, in (0, 1].
+        exit_memory (`float`, *optional*, defaults to 1.0):
+            MPEE's `lambda` of the exit classifier memory `C_zm = (1 - lambda) C_zm + lambda C_z`, in (0, 1]: each
+            exit's logits (and so every exit signal) carry the exits below it. 1 keeps each exit's own logits;
+            MPEE uses 0.9.
+        distillation_temperature (`float`, *optional*, defaults to 1.0):
+            `tau` of MPEE's self-distillation (the paper does not give its value).
     """
 
     exit_layers: list[int] | None = None
@@ -67,6 +101,17 @@ class DE3ConfigMixin:
     early_exit_policy: str = "de3"
     early_exit_patience: int = 2
     learning_to_exit: bool = False
+    training_objective: str = "de3"
+    cosee_signal: str = "energy"
+    cosee_num_thresholds: int = 5
+    cosee_beta: float = 10.0
+    cosee_alpha: float = 0.1
+    cosee_margin: float = 0.3
+    token_exit_ratio: float = 0.0
+    token_exit_layers: list[int] | None = None
+    class_attention_momentum: float = 0.5
+    exit_memory: float = 1.0
+    distillation_temperature: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -76,6 +121,11 @@ class DE3ConfigMixin:
             self.exit_layers = [int(layer) for layer in self.exit_layers]
         if self.proto_dim is None:
             self.proto_dim = self.hidden_size
+        if self.token_exit_layers is None:
+            thirds = {round(self.num_hidden_layers / 3), round(2 * self.num_hidden_layers / 3)}
+            self.token_exit_layers = sorted(layer for layer in thirds if 1 <= layer < self.num_hidden_layers)
+        else:
+            self.token_exit_layers = [int(layer) for layer in self.token_exit_layers]
         self.validate_de3()
 
     @property
@@ -129,6 +179,7 @@ class DE3ConfigMixin:
             self.early_exit_patience < 0
         ):
             raise ValueError(f"early_exit_patience={self.early_exit_patience!r} must be an integer >= 0.")
+        self._validate_objectives()
         from .exit_policies import EXIT_POLICIES  # here, not at the top: exit_policies imports this module
 
         if self.early_exit_policy not in EXIT_POLICIES:
@@ -136,6 +187,43 @@ class DE3ConfigMixin:
                 f"early_exit_policy={self.early_exit_policy!r} is unknown; choose one of {sorted(EXIT_POLICIES)} "
                 "(or register your own with de3_transformers.exit_policies.register_exit_policy)."
             )
+
+
+    def _validate_objectives(self) -> None:
+        if self.training_objective not in TRAINING_OBJECTIVES:
+            raise ValueError(
+                f"training_objective={self.training_objective!r} is unknown; choose one of {TRAINING_OBJECTIVES}."
+            )
+        if self.cosee_signal not in COSEE_SIGNALS:
+            raise ValueError(f"cosee_signal={self.cosee_signal!r} is unknown; choose one of {COSEE_SIGNALS}.")
+        check_number("cosee_num_thresholds", self.cosee_num_thresholds, low=1, integer=True)
+        for name in ("cosee_beta", "cosee_alpha", "cosee_margin"):
+            check_number(name, getattr(self, name), low=0.0)
+        check_number("distillation_temperature", self.distillation_temperature, low=0.0)
+        if not self.distillation_temperature > 0:
+            raise ValueError("distillation_temperature=0 is out of range: it must be > 0 (the paper's tau).")
+        check_number("token_exit_ratio", self.token_exit_ratio, low=0.0)
+        if self.token_exit_ratio >= 1:
+            raise ValueError(
+                f"token_exit_ratio={self.token_exit_ratio} must lie in [0, 1): it is the share of tokens that exit at "
+                "each token-exit layer (MPEE uses 0.7; 0 keeps every token)."
+            )
+        layers, depth = self.token_exit_layers, self.num_hidden_layers
+        if any(b <= a for a, b in zip(layers, layers[1:])) or any(not 1 <= layer < depth for layer in layers):
+            raise ValueError(
+                f"token_exit_layers={layers} is invalid: give strictly increasing layers in 1..{depth - 1} (tokens "
+                "exit after them), or leave it unset."
+            )
+        for name in ("class_attention_momentum", "exit_memory"):
+            value = getattr(self, name)
+            check_number(name, value, low=0.0)
+            if not 0 < value <= 1:
+                raise ValueError(f"{name}={value} must lie in (0, 1] (MPEE uses 0.5 for beta, 0.9 for lambda).")
+
+    @property
+    def token_exit(self) -> bool:
+        """Whether tokens exit (MPEE): `token_exit_ratio > 0` and some token-exit layer."""
+        return self.token_exit_ratio > 0 and bool(self.token_exit_layers)
 
 
 def check_number(name: str, value, low: float | None = None, integer: bool = False, hint: str = "") -> None:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from .configuration_de3 import check_exit_parameters, check_number
-from .signals import hybrid_indicator, normalized_entropy
+from .signals import hybrid_indicator, max_probability, normalized_energy, normalized_entropy
 
 
 @dataclass
@@ -227,7 +227,7 @@ class MaxProbPolicy(ThresholdPolicy):
     exits_below: ClassVar[bool] = False
 
     def signal(self, view):
-        return view.logits.float().softmax(dim=-1).amax(dim=-1)
+        return max_probability(view.logits)
 
 
 @dataclass
@@ -238,7 +238,7 @@ class EnergyPolicy(ThresholdPolicy):
     threshold_minimum: ClassVar[float] = 0.0
 
     def signal(self, view):
-        return torch.sigmoid(-torch.logsumexp(view.logits.float(), dim=-1))
+        return normalized_energy(view.logits)
 
 
 @dataclass

@@ -9,9 +9,12 @@ as they are under 1% of a layer), per sample with `L` attended tokens, hidden si
 - exit head: mean pooling `L H` (`exit_pooling="mean"`), the pooler's dense `2 H^2`, the classifier `2 H K`;
 - DE3 decision (policies that read the distance ratio, below the top exit): prototypical network `2 H P` and the
   distances to the `K` prototypes `2 K P`;
-- BERxiT decision (policies that read learning-to-exit scores): `2 H`.
+- BERxiT decision (policies that read learning-to-exit scores): `2 H`;
+- MPEE token exit (`token_exit_ratio > 0`): each layer runs on the tokens the sample still has (the lengths follow
+  from the attended length alone, `token_exit.token_lengths`), plus the class attention of the layer's input,
+  `4 H^2 + 2 heads H L` (`token_exit.class_attention`), and mean pooling reads the shorter sequence.
 
-The full model is every layer plus one head (the last exit's), which is what the plain
+The full model is every layer on every token plus one head (the last exit's), which is what the plain
 `BertForSequenceClassification` runs. The paper's Table V counts the projections alone (1812M of its 1813.5M per
 BERT-base layer at 128 tokens); the attention products add 50M here.
 """
@@ -19,6 +22,8 @@ BERT-base layer at 128 tokens); the attention products add 50M here.
 from dataclasses import dataclass
 
 import torch
+
+from .token_exit import token_lengths
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,19 @@ class FlopsCounter:
     proto_dim: int
     exit_layers: tuple[int, ...]
     mean_pooling: bool
+    num_heads: int = 1
+    token_exit_ratio: float = 0.0
+    token_exit_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, config) -> "FlopsCounter":
         return cls(config.hidden_size, config.intermediate_size, config.num_labels, config.proto_dim,
-                   tuple(config.exit_layers), config.exit_pooling == "mean")
+                   tuple(config.exit_layers), config.exit_pooling == "mean", config.num_attention_heads,
+                   config.token_exit_ratio, tuple(config.token_exit_layers))
+
+    @property
+    def token_exit(self) -> bool:
+        return self.token_exit_ratio > 0 and bool(self.token_exit_layers)
 
     @property
     def num_layers(self) -> int:
@@ -65,17 +78,28 @@ class FlopsCounter:
         """FLOPs of the full model per sample: every layer and the last exit's head."""
         return self.num_layers * self.layer(lengths) + self.head(lengths)
 
+    def layer_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """`[num_layers, N]`: the tokens each sample runs through every layer (fewer under token exit)."""
+        if not self.token_exit:
+            return lengths.expand(self.num_layers, -1)
+        return token_lengths(lengths, self.token_exit_ratio, self.token_exit_layers, self.num_layers)
+
     def early_exit(
         self, first_exit: torch.Tensor, lengths: torch.Tensor, prototypes: bool = False, scores: bool = False
     ) -> torch.Tensor:
         """FLOPs per sample leaving at exit `first_exit` (index into `exit_layers`; `[N]` or `[T, N]`): the layers up
         to it, the head of every exit it passed and of its own, and the decision at every exit below the top it
         reached."""
-        layers = torch.tensor(self.exit_layers, dtype=torch.float64)[first_exit.cpu()]
-        heads = first_exit.cpu().double() + 1
-        decisions = torch.clamp(heads, max=len(self.exit_layers) - 1)  # the top exit answers without deciding
-        lengths = lengths.cpu()
-        return layers * self.layer(lengths) + heads * self.head(lengths) + decisions * self.decision(prototypes, scores)
+        first_exit, lengths = first_exit.cpu(), lengths.cpu()
+        tokens = self.layer_lengths(lengths)  # [M, N]
+        per_layer = self.layer(tokens)
+        if self.token_exit:
+            per_layer = per_layer + 4 * self.hidden_size**2 + 2 * self.num_heads * self.hidden_size * tokens.double()
+        exit_rows = torch.tensor(self.exit_layers) - 1
+        up_to_exit = per_layer.cumsum(dim=0)[exit_rows] + self.head(tokens[exit_rows]).cumsum(dim=0)  # [E, N]
+        spent = up_to_exit.gather(0, first_exit.view(-1, lengths.numel())).view(first_exit.shape)
+        decisions = torch.clamp(first_exit.double() + 1, max=len(self.exit_layers) - 1)  # the top answers undecided
+        return spent + decisions * self.decision(prototypes, scores)
 
     def speedup(self, first_exit: torch.Tensor, lengths: torch.Tensor, prototypes: bool = False,
                 scores: bool = False) -> torch.Tensor:

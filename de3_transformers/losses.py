@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .signals import normalized_ratio, prototype_distances
+from .signals import max_probability, normalized_energy, normalized_entropy, normalized_ratio, prototype_distances
 
 
 def distance_aware_regularization(
@@ -107,4 +108,195 @@ def learning_to_exit_loss(exit_scores: torch.Tensor, exit_logits: torch.Tensor, 
     return F.mse_loss(exit_scores.float(), correct)
 
 
-__all__ = ["DE3LossParts", "distance_aware_regularization", "layer_weighted_loss", "learning_to_exit_loss"]
+# COSEE (METHOD.md section 4, paper 002)
+
+# Signal name -> (function of the logits, whether a sample exits when the signal is *below* the threshold).
+COSEE_SIGNALS = {
+    "energy": (normalized_energy, True),
+    "entropy": (normalized_entropy, True),
+    "max_prob": (max_probability, False),
+}
+
+
+class COSEEState:
+    """What COSEE carries from step to step: the training progress `t / T` (it scales `beta_t`) and the exit-signal
+    range of the previous epoch (the thresholds are drawn from it; [0, 1] in the first epoch).
+
+    `DE3Trainer` keeps it up to date. In a hand-written loop set `progress` each step and call `end_epoch()` after each
+    epoch (outside training `progress` stays 1: the full `beta_0`).
+    """
+
+    def __init__(self):
+        self.progress = 1.0
+        self.low, self.high = 0.0, 1.0
+        self._seen = None  # (-min, max) of the signals of this epoch so far
+
+    def observe(self, signals: torch.Tensor) -> None:
+        """Widens this epoch's range with `signals` (any shape, detached here)."""
+        if signals.numel() == 0:
+            return
+        seen = torch.stack([-signals.detach().amin(), signals.detach().amax()]).float()
+        self._seen = seen if self._seen is None else torch.maximum(self._seen, seen)
+
+    def end_epoch(self, reduce_max=None) -> None:
+        """Makes this epoch's range the range thresholds are drawn from. `reduce_max` (e.g. an all-reduce with MAX)
+        merges the ranges seen by every process, so all processes draw from the same range."""
+        if self._seen is None:
+            return
+        seen = self._seen if reduce_max is None else reduce_max(self._seen)
+        self.low, self.high = -float(seen[0]), float(seen[1])
+        self._seen = None
+
+    def thresholds(self, count: int, device) -> torch.Tensor:
+        """`count` thresholds drawn uniformly from the current range (torch's global generator)."""
+        return self.low + (self.high - self.low) * torch.rand(count, device=device)
+
+
+def cosee_sample_weights(
+    signals: torch.Tensor, thresholds: torch.Tensor, exit_layers: list[int], beta: float, exits_below: bool = True
+) -> torch.Tensor:
+    """COSEE's loss weights (paper 002 eq. 3): `w_n^(m) = softmax_m(-beta |m - m*_n|)` for each threshold, where
+    `m*_n` is the exit sample `n` would leave at (the first exit below the top whose signal passes the threshold, else
+    the top) and `m` counts encoder layers (`exit_layers`).
+
+    Args:
+        signals: `[E - 1, N]` exit signals of the exits below the top.
+        thresholds: `[T]`.
+        exit_layers: the `E` exit layers.
+        beta: `beta_t`.
+        exits_below: exit when the signal is below the threshold (energy, entropy) or above it (max prob).
+
+    Returns:
+        `[T, E, N]`, summing to 1 over the exits; no gradient.
+    """
+    with torch.no_grad():
+        signals = signals.float()[None]
+        limits = thresholds.float().view(-1, 1, 1)
+        leave = (signals < limits) if exits_below else (signals > limits)  # [T, E - 1, N]
+        num_exits = len(exit_layers)
+        first = torch.where(leave.any(dim=1), leave.int().argmax(dim=1), num_exits - 1)  # [T, N]
+        layers = torch.tensor(exit_layers, dtype=torch.float32, device=signals.device)
+        distance = (layers.view(1, -1, 1) - layers[first][:, None, :]).abs()  # [T, E, N]
+        return torch.softmax(-beta * distance, dim=1)
+
+
+def online_signal_calibration(
+    signals: torch.Tensor, correct: torch.Tensor, margin: float, exits_below: bool = True
+) -> torch.Tensor:
+    """COSEE's OSC loss (paper 002 eqs. 6-8): the mean over the exits below the top of
+    `max(0, mean S_easy - mean S_hard + margin)` (hard minus easy for signals that grow with confidence), where the
+    exit's easy samples are those it classifies right. An exit with no easy or no hard sample in the batch adds 0.
+
+    Args:
+        signals: `[E - 1, N]`, with gradient.
+        correct: `[E - 1, N]` bool.
+    """
+    if signals.shape[0] == 0:
+        return signals.new_zeros((), dtype=torch.float32)
+    signals, easy = signals.float(), correct.float()
+    hard = 1.0 - easy
+    easy_mean = (signals * easy).sum(dim=1) / easy.sum(dim=1).clamp_min(1)
+    hard_mean = (signals * hard).sum(dim=1) / hard.sum(dim=1).clamp_min(1)
+    gap = (easy_mean - hard_mean) if exits_below else (hard_mean - easy_mean)
+    both = (easy.sum(dim=1) > 0) & (hard.sum(dim=1) > 0)
+    return torch.where(both, F.relu(gap + margin), torch.zeros_like(gap)).mean()
+
+
+@dataclass
+class COSEELossParts:
+    """`ce_loss + alpha * osc_loss` of COSEE (paper 002 eq. 9)."""
+
+    ce_loss: torch.Tensor
+    osc_loss: torch.Tensor
+
+
+def cosee_loss(
+    exit_logits: torch.Tensor,
+    labels: torch.Tensor,
+    thresholds: torch.Tensor,
+    exit_layers: list[int],
+    beta: float,
+    margin: float,
+    signal: str = "energy",
+) -> COSEELossParts:
+    """COSEE's classification loss (eqs. 2 and 5: the sample-weighted cross-entropy, averaged over the thresholds)
+    and its OSC loss.
+
+    Args:
+        exit_logits: `[E, N, K]`.
+        labels: `[N]`.
+        thresholds: `[T]`, drawn by [`COSEEState.thresholds`].
+        beta: `beta_t = (t / T) beta_0`.
+        signal: a key of `COSEE_SIGNALS`.
+
+    Raises:
+        ValueError: for an unknown signal.
+    """
+    if signal not in COSEE_SIGNALS:
+        raise ValueError(f"signal={signal!r} is unknown; choose one of {sorted(COSEE_SIGNALS)}.")
+    signal_of, exits_below = COSEE_SIGNALS[signal]
+    num_exits, batch, num_labels = exit_logits.shape
+    cross_entropy = F.cross_entropy(
+        exit_logits.float().reshape(-1, num_labels), labels.repeat(num_exits), reduction="none"
+    ).view(num_exits, batch)
+    signals = signal_of(exit_logits[:-1])
+    weights = cosee_sample_weights(signals, thresholds, exit_layers, beta, exits_below)
+    ce_loss = (weights * cross_entropy[None]).sum(dim=1).mean()  # sum over exits, mean over samples and thresholds
+    correct = exit_logits[:-1].argmax(dim=-1) == labels
+    return COSEELossParts(ce_loss, online_signal_calibration(signals, correct, margin, exits_below))
+
+
+# MPEE (METHOD.md section 5, paper 004)
+
+
+class ExitEnsembleTeacher(nn.Module):
+    """MPEE's attention over exits (paper 004 eq. 12): `eta_l = softmax_l(V^T tanh(W C_zm^l + b))`, teacher
+    `t = sum_l eta_l C_zm^l`."""
+
+    def __init__(self, num_labels: int, attention_size: int = 64):  # the paper does not give the size
+        super().__init__()
+        self.projection = nn.Linear(num_labels, attention_size)
+        self.context = nn.Linear(attention_size, 1, bias=False)
+
+    def forward(self, exit_logits: torch.Tensor) -> torch.Tensor:
+        """`[E, N, K]` exit logits -> `[N, K]` teacher logits."""
+        eta = self.context(torch.tanh(self.projection(exit_logits))).softmax(dim=0)  # [E, N, 1]
+        return (eta * exit_logits).sum(dim=0)
+
+
+def self_distillation_loss(exit_logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MPEE's weighted ensemble self-distillation (paper 004 eq. 13):
+    `sum_l tau^2 KL(softmax(C_zm^l / tau) || softmax(t / tau))`, averaged over the batch.
+
+    Args:
+        exit_logits: `[E, N, K]`, the students; the gradient reaches the backbone through them.
+        teacher: `[N, K]`; built from detached exit logits, its gradient trains only the ensemble attention.
+    """
+    student = F.log_softmax(exit_logits.float() / temperature, dim=-1)
+    target = F.log_softmax(teacher.float() / temperature, dim=-1)[None]
+    divergence = (student.exp() * (student - target)).sum(dim=-1)  # KL(student || teacher), [E, N]
+    return temperature**2 * divergence.sum(dim=0).mean()
+
+
+def joint_cross_entropy(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MPEE's classification loss (paper 004 eq. 11): the cross-entropy of every exit, summed over exits and
+    averaged over the batch."""
+    num_exits, _, num_labels = exit_logits.shape
+    return F.cross_entropy(exit_logits.float().reshape(-1, num_labels), labels.repeat(num_exits)) * num_exits
+
+
+__all__ = [
+    "COSEELossParts",
+    "COSEEState",
+    "COSEE_SIGNALS",
+    "DE3LossParts",
+    "ExitEnsembleTeacher",
+    "cosee_loss",
+    "cosee_sample_weights",
+    "distance_aware_regularization",
+    "joint_cross_entropy",
+    "layer_weighted_loss",
+    "learning_to_exit_loss",
+    "online_signal_calibration",
+    "self_distillation_loss",
+]

@@ -22,9 +22,20 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_de3 import DE3BertConfig, DE3RobertaConfig
 from .exit_policies import EXIT_POLICIES, ExitPolicy, ExitView, get_exit_policy, layer_speedup
-from .losses import distance_aware_regularization, layer_weighted_loss, learning_to_exit_loss
+from .losses import (
+    COSEE_SIGNALS,
+    COSEEState,
+    ExitEnsembleTeacher,
+    cosee_loss,
+    distance_aware_regularization,
+    joint_cross_entropy,
+    layer_weighted_loss,
+    learning_to_exit_loss,
+    self_distillation_loss,
+)
 from .prototypes import PrototypeMemory
 from .signals import distance_ratio, normalized_entropy
+from .token_exit import class_attention, prune_tokens, update_memory
 
 
 logger = logging.get_logger(__name__)
@@ -50,11 +61,16 @@ class DE3SequenceClassifierOutput(ModelOutput):
         exit_scores (`torch.FloatTensor` of shape `(num_exits - 1, batch_size)`, with `config.learning_to_exit`):
             Learning-to-exit score (BERxiT) of each exit below the top, in [0, 1]: how likely its prediction is right.
         ce_loss (`torch.FloatTensor`, with `labels` and `output_exit_signals=True`):
-            Layer-weighted cross-entropy part of `loss`.
+            Cross-entropy part of `loss`: layer-weighted (`training_objective="de3"`), COSEE's sample-weighted
+            (`"cosee"`) or summed over exits (`"mpee"`).
         dar_loss (`torch.FloatTensor`, with `labels` and `output_exit_signals=True`):
             Layer-weighted DAR part of `loss`, before multiplying by `dar_alpha`.
         lte_loss (`torch.FloatTensor`, with `labels`, `output_exit_signals=True` and `config.learning_to_exit`):
             Learning-to-exit MSE, added to `loss` with weight 1.
+        osc_loss (`torch.FloatTensor`, with `labels`, `output_exit_signals=True` and `training_objective="cosee"`):
+            COSEE's online signal calibration loss, added to `loss` times `cosee_alpha`.
+        kd_loss (`torch.FloatTensor`, with `labels`, `output_exit_signals=True` and `training_objective="mpee"`):
+            MPEE's self-distillation loss, added to `loss` with weight 1.
         hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states=True`):
             Embedding output and the output of every encoder layer.
     """
@@ -68,6 +84,8 @@ class DE3SequenceClassifierOutput(ModelOutput):
     ce_loss: torch.FloatTensor | None = None
     dar_loss: torch.FloatTensor | None = None
     lte_loss: torch.FloatTensor | None = None
+    osc_loss: torch.FloatTensor | None = None
+    kd_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -107,6 +125,10 @@ class DE3ModelMixin:
         self.prototype_memory = PrototypeMemory(depth, labels, config.proto_dim)
         if config.learning_to_exit:
             self.exit_scorers = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(depth))
+        if config.training_objective == "mpee":
+            self.exit_teacher = ExitEnsembleTeacher(labels)
+        # Not a module: progress and signal range are training state, not weights (DE3Trainer keeps them current).
+        self.cosee_state = COSEEState() if config.training_objective == "cosee" else None
 
     @property
     def backbone(self) -> nn.Module:
@@ -138,6 +160,31 @@ class DE3ModelMixin:
     def _run_layer(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
         output = layer(hidden, attention_mask=mask)
         return output[0] if isinstance(output, tuple) else output
+
+    def _token_exit_step(self, layer_number: int, layer: nn.Module, hidden, mask, tokens):
+        """Runs one layer under MPEE's token exit: the class attention of the layer's input, the layer, the memory
+        update and, after a token-exit layer, the pruning. `tokens` is `(token_mask, memory, has_fusion)`.
+
+        Returns `(hidden, mask, tokens)`; the attention mask is rebuilt when the sequence changed.
+        """
+        config = self.config
+        token_mask, memory, has_fusion = tokens
+        attention = class_attention(layer.attention.self, hidden, token_mask)
+        hidden = self._run_layer(layer, hidden, mask)
+        memory = update_memory(memory, attention, config.class_attention_momentum)
+        if layer_number in config.token_exit_layers:
+            pruned = prune_tokens(hidden, token_mask, memory, attention, config.token_exit_ratio, has_fusion)
+            hidden, token_mask, memory, has_fusion = pruned.hidden, pruned.token_mask, pruned.memory, True
+            mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=token_mask)
+        return hidden, mask, (token_mask, memory, has_fusion)
+
+    def _start_tokens(self, input_ids, attention_mask, inputs_embeds=None):
+        """The token-exit state before the first layer (`None` without token exit)."""
+        if not self.config.token_exit:
+            return None
+        main = input_ids if input_ids is not None else inputs_embeds
+        token_mask = attention_mask if attention_mask is not None else main.new_ones(main.shape[:2], dtype=torch.long)
+        return token_mask, None, False
 
     def _pool(self, hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """`z^(m)`: the backbone's shared pooler on the first token (METHOD.md section 1), or on the mean of the
@@ -252,14 +299,22 @@ class DE3ModelMixin:
         exit_set = {layer: index for index, layer in enumerate(config.exit_layers)}
 
         hidden, mask = self._embed(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        tokens = self._start_tokens(input_ids, attention_mask, inputs_embeds)
+        token_mask = attention_mask
         all_hidden = [hidden] if output_hidden_states else None
         exit_logits, features, scores = [], [], []
+        logit_memory = None
         for layer_number, layer in enumerate(self.backbone.encoder.layer, start=1):
-            hidden = self._run_layer(layer, hidden, mask)
+            if tokens is None:
+                hidden = self._run_layer(layer, hidden, mask)
+            else:  # tokens exit: the sequence gets shorter, so hidden states of later layers are shorter too
+                hidden, mask, tokens = self._token_exit_step(layer_number, layer, hidden, mask, tokens)
+                token_mask = tokens[0]
             if output_hidden_states:
                 all_hidden.append(hidden)
             if layer_number in exit_set:
-                logits, feature, score = self._exit(exit_set[layer_number], hidden, attention_mask)
+                logits, feature, score = self._exit(exit_set[layer_number], hidden, token_mask)
+                logits = logit_memory = update_memory(logit_memory, logits, config.exit_memory)
                 exit_logits.append(logits)
                 if feature is not None:
                     features.append(feature)
@@ -296,9 +351,12 @@ class DE3ModelMixin:
                 config.distance, config.dar_type, config.dar_beta,
             )
             parts = layer_weighted_loss(exit_logits, labels, dar, config.exit_layers, config.dar_alpha)
-            output.loss = parts.loss
+            ce_loss, extra_loss, extra_parts = self._objective_loss(exit_logits, labels, parts.ce_loss)
+            output.loss = ce_loss + config.dar_alpha * parts.dar_loss + extra_loss
             if output_exit_signals:
-                output.ce_loss, output.dar_loss = parts.ce_loss.detach(), parts.dar_loss.detach()
+                output.ce_loss, output.dar_loss = ce_loss.detach(), parts.dar_loss.detach()
+                for name, value in extra_parts.items():
+                    setattr(output, name, value.detach())
             if config.learning_to_exit:
                 lte_loss = learning_to_exit_loss(scores, exit_logits.detach(), labels)
                 output.loss = output.loss + lte_loss
@@ -317,6 +375,26 @@ class DE3ModelMixin:
         if labels is not None and self.training and features.shape[0] > 0:
             memory.observe(features, labels, config.prototype_momentum)
         return output if return_dict else output.to_tuple()
+
+    def _objective_loss(self, exit_logits, labels, layer_weighted_ce):
+        """`(ce_loss, extra_loss, extra_parts)` of `config.training_objective`: its classification loss, the weighted
+        sum of its other terms, and those terms unweighted by name (for logging)."""
+        config = self.config
+        if config.training_objective == "cosee":
+            state = self.cosee_state
+            parts = cosee_loss(
+                exit_logits, labels, state.thresholds(config.cosee_num_thresholds, exit_logits.device),
+                config.exit_layers, state.progress * config.cosee_beta, config.cosee_margin, config.cosee_signal,
+            )
+            if self.training:  # the range the next epoch draws its thresholds from
+                state.observe(COSEE_SIGNALS[config.cosee_signal][0](exit_logits[:-1].detach()))
+            return parts.ce_loss, config.cosee_alpha * parts.osc_loss, {"osc_loss": parts.osc_loss}
+        if config.training_objective == "mpee":
+            # The teacher reads detached exits: the gradient reaches the backbone through the students only.
+            teacher = self.exit_teacher(exit_logits.detach().float())
+            kd_loss = self_distillation_loss(exit_logits, teacher, config.distillation_temperature)
+            return joint_cross_entropy(exit_logits, labels), kd_loss, {"kd_loss": kd_loss}
+        return layer_weighted_ce, 0.0, {}
 
     def _require_prototypes(self) -> None:
         missing = self.prototype_memory.uninitialized_pairs()
@@ -439,14 +517,21 @@ class DE3ModelMixin:
         live = torch.ones(batch, dtype=torch.bool, device=hidden.device)  # False: padding row, its sample has left
         num_live = batch
         token_mask = attention_mask  # 2D, for mean pooling; `mask` is the attention implementation's form
+        tokens = self._start_tokens(input_ids, attention_mask)
         state = policy.start(batch, hidden.device)
+        logit_memory = None
 
         for layer_number, layer in enumerate(self.backbone.encoder.layer, start=1):
-            hidden = self._run_layer(layer, hidden, mask)
+            if tokens is None:
+                hidden = self._run_layer(layer, hidden, mask)
+            else:
+                hidden, mask, tokens = self._token_exit_step(layer_number, layer, hidden, mask, tokens)
+                token_mask = tokens[0]
             if layer_number not in exit_set:
                 continue
             exit_index = exit_set[layer_number]
             logits, features, scores = self._exit(exit_index, hidden, token_mask, with_ratio, with_scores)
+            logits = logit_memory = update_memory(logit_memory, logits, config.exit_memory)
             if exit_index == last_exit:
                 rows = live.nonzero().flatten() if num_live < active.numel() else slice(None)
                 out_logits[active[rows]] = logits[rows].to(out_logits.dtype)
@@ -474,12 +559,15 @@ class DE3ModelMixin:
             # The live rows first (a stable sort keeps their order), then padding rows up to `size`; index ops on
             # the device, no second synchronisation.
             rows = torch.argsort((~live).to(torch.uint8), stable=True)[:size]
-            active, hidden, live = active[rows], hidden[rows], live[rows]
+            active, hidden, live, logit_memory = active[rows], hidden[rows], live[rows], logit_memory[rows]
             state = policy.select(state, rows)
             if mask is not None:
                 mask = mask[rows]
             if token_mask is not None:
                 token_mask = token_mask[rows]
+            if tokens is not None:
+                attention_memory = None if tokens[1] is None else tokens[1][rows]
+                tokens = (token_mask, attention_memory, tokens[2])
 
         return DE3EarlyExitOutput(
             logits=out_logits, exit_layers=out_layers, speedup=layer_speedup(out_layers, config.num_hidden_layers)

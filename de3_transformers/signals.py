@@ -29,6 +29,19 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     return (entropy / math.log(logits.shape[-1])).clamp(0.0, 1.0)
 
 
+def normalized_energy(logits: torch.Tensor) -> torch.Tensor:
+    """COSEE's normalised energy `sigmoid(-logsumexp(logits))` (paper 002 eqs. 10-11), in (0, 1); lower is easier.
+
+    Returns `[...]` float32 for `[..., K]` logits.
+    """
+    return torch.sigmoid(-torch.logsumexp(logits.float(), dim=-1))
+
+
+def max_probability(logits: torch.Tensor) -> torch.Tensor:
+    """The largest class probability `max_k softmax(logits)_k`, float32; higher is easier."""
+    return logits.float().softmax(dim=-1).amax(dim=-1)
+
+
 def _norm(vectors: torch.Tensor, min_square: float = _TINY) -> torch.Tensor:
     # sqrt of a clamped square: finite value and gradient at the zero vector, where `vector_norm`'s gradient is NaN.
     return vectors.square().sum(dim=-1).clamp_min(min_square).sqrt()
@@ -111,6 +124,8 @@ def hybrid_indicator(entropy: torch.Tensor, ratio: torch.Tensor | None, lam: flo
 __all__ = [
     "distance_ratio",
     "hybrid_indicator",
+    "max_probability",
+    "normalized_energy",
     "normalized_entropy",
     "normalized_ratio",
     "prototype_distances",

@@ -2,6 +2,7 @@
 
 The loss itself comes from the model's forward (cross-entropy at every exit plus `dar_alpha` times DAR, weighted by
 depth). The trainer adds what a `Trainer` cannot know about:
+- with `training_objective="cosee"`, COSEE's progress and signal range are kept current ([`COSEECallback`]);
 - prototypes are updated once per optimizer step, from the class statistics of every micro-batch of the step
   (gradient accumulation) and of every process (all-reduced under DDP);
 - the loss parts and the accuracy of every exit are logged to the usual loggers;
@@ -24,7 +25,7 @@ from .exit_policies import simulate_policy
 logger = logging.get_logger(__name__)
 
 # Per-batch scalars the evaluation loop must not try to concatenate as predictions.
-_NOT_PREDICTIONS = ["ce_loss", "dar_loss", "lte_loss", "hidden_states"]
+_NOT_PREDICTIONS = ["ce_loss", "dar_loss", "lte_loss", "osc_loss", "kd_loss", "hidden_states"]
 
 
 @dataclass
@@ -70,6 +71,26 @@ class PrototypeUpdateCallback(TrainerCallback):
         model.prototype_memory.defer_updates = False
 
 
+class COSEECallback(TrainerCallback):
+    """Keeps a COSEE model's training state current (METHOD.md section 4): the progress `t / T` that warms up
+    `beta_t`, and at the end of each epoch the exit-signal range the next epoch draws its thresholds from, merged over
+    every process under DDP so that all of them draw from the same range."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        model.cosee_state.progress = state.global_step / max(state.max_steps, 1)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        model.cosee_state.end_epoch(reduce_max=_all_reduce_max)
+
+
+def _all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        tensor = tensor.to(device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.cpu()
+
+
 class DE3Trainer(Trainer):
     """A [`Trainer`] for DE3 models ([`DE3BertForSequenceClassification`], [`DE3RobertaForSequenceClassification`]).
 
@@ -100,6 +121,8 @@ class DE3Trainer(Trainer):
             )
         self.task_metrics = compute_metrics
         self.add_callback(PrototypeUpdateCallback())
+        if getattr(self.model, "cosee_state", None) is not None:
+            self.add_callback(COSEECallback())
         self._running_parts: dict[str, torch.Tensor] = {}
         self._running_batches = 0
 
@@ -132,8 +155,9 @@ class DE3Trainer(Trainer):
         exit_layers = self.accelerator.unwrap_model(self.model).config.exit_layers
         correct = (outputs.exit_logits.argmax(-1) == labels.view(1, -1)).float().mean(dim=1)
         parts = {"ce_loss": outputs.ce_loss, "dar_loss": outputs.dar_loss}
-        if outputs.lte_loss is not None:
-            parts["lte_loss"] = outputs.lte_loss
+        for name in ("lte_loss", "osc_loss", "kd_loss"):
+            if getattr(outputs, name) is not None:
+                parts[name] = getattr(outputs, name)
         parts.update({f"exit_{layer}_accuracy": correct[index] for index, layer in enumerate(exit_layers)})
         for name, value in parts.items():
             self._running_parts[name] = self._running_parts.get(name, 0.0) + value.detach().float()
@@ -200,4 +224,4 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.mean((logits.argmax(-1) == labels).numpy()))
 
 
-__all__ = ["DE3Trainer", "DE3TrainingArguments", "PrototypeUpdateCallback"]
+__all__ = ["COSEECallback", "DE3Trainer", "DE3TrainingArguments", "PrototypeUpdateCallback"]

@@ -66,6 +66,13 @@ class ModelArguments:
     learning_to_exit: bool | None = field(
         default=None, metadata={"help": "Also train BERxiT learning-to-exit heads (for the 'learned' policy)."}
     )
+    training_objective: str | None = field(
+        default=None, metadata={"help": "de3 (default), cosee (sample weighting + signal calibration) or mpee."}
+    )
+    cosee_signal: str | None = field(default=None, metadata={"help": "COSEE's signal: energy, entropy or max_prob."})
+    token_exit_ratio: float | None = field(default=None, metadata={"help": "MPEE's R_ee (0.7 in the paper; 0: off)."})
+    token_exit_layers: list[int] | None = field(default=None, metadata={"help": "Layers after which tokens exit."})
+    exit_memory: float | None = field(default=None, metadata={"help": "MPEE's classifier memory lambda (paper 0.9)."})
 
     def __post_init__(self):
         if self.model_name_or_path is None:
@@ -84,7 +91,8 @@ class ModelArguments:
 
     def de3_options(self) -> dict:
         names = ("exit_layers", "exit_pooling", "distance", "dar_type", "dar_alpha", "dar_beta", "prototype_momentum",
-                 "learning_to_exit")
+                 "learning_to_exit", "training_objective", "cosee_signal", "token_exit_ratio", "token_exit_layers",
+                 "exit_memory")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

@@ -42,11 +42,24 @@ _TRAINING_LABELS = {
     "distance": "Distance",
     "prototype_momentum": "Prototype momentum",
     "exit_layers": "Exit layers",
+    "training_objective": "Training objective",
+    "token_exit_ratio": "Token exit ratio R_ee (after layers)",
+    "exit_memory": "Exit classifier memory lambda",
     "hardware": "Hardware",
     "training_time": "Training time",
 }
 # Read from the model's config when `training_setup` does not give them: the DE3 training hyper-parameters.
-_CONFIG_TRAINING_FIELDS = ("dar_type", "dar_alpha", "distance", "prototype_momentum", "exit_layers")
+_CONFIG_TRAINING_FIELDS = ("dar_type", "dar_alpha", "distance", "prototype_momentum", "exit_layers", "training_objective")
+# What each training objective is, for the card (METHOD.md sections 2, 4 and 5).
+_OBJECTIVES = {
+    "de3": "the DE3 objective: cross-entropy at every exit plus distance-aware regularisation (DAR) weighted by DAR "
+           "alpha, averaged over exits with weights growing with depth",
+    "cosee": "COSEE (Consistency-Oriented Signal-based Early Exiting): each sample's cross-entropy weighted towards "
+             "the exits it would leave at under randomly drawn thresholds, plus online signal calibration, and DAR "
+             "weighted by DAR alpha",
+    "mpee": "MPEE (Multi-Perspective Early Exiting): cross-entropy at every exit on the exit classifier memory, plus "
+            "weighted ensemble self-distillation, and DAR weighted by DAR alpha; tokens exit as well as layers",
+}
 # A Hub model id, `name` or `owner/name`; anything else (a local folder) stays out of the YAML `base_model`.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -250,6 +263,7 @@ def _description(config, model_name: str, task_name: str, dataset_name: str, bas
         "labels": ", ".join(f"`{index}` {_cell(label)}" for index, label in sorted(id2label.items())),
         "threshold": _setting(config.early_exit_threshold),
         "lam": _setting(config.early_exit_lambda),
+        "objective": _OBJECTIVES[config.training_objective],
     }
 
 
@@ -260,6 +274,10 @@ def _training_rows(config, dataset_name: str, base_model: str | None, setup: dic
     values.update({name: getattr(config, name) for name in _CONFIG_TRAINING_FIELDS})
     if config.dar_type == "combined":  # beta weighs the alienation term only in the combined DAR (eq. 4)
         values["dar_beta"] = config.dar_beta
+    if config.token_exit:
+        values["token_exit_ratio"] = f"{config.token_exit_ratio:g} ({_cell(list(config.token_exit_layers))})"
+    if config.exit_memory != 1:
+        values["exit_memory"] = config.exit_memory
     values.update(setup)  # what training actually used wins over the defaults above
     values = {key: value for key, value in values.items() if value is not None}
     order = [key for key in _TRAINING_LABELS if key in values] + [key for key in values if key not in _TRAINING_LABELS]

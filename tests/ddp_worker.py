@@ -1,7 +1,8 @@
 """Trains a tiny DE3 model with `DE3Trainer`; run by test_trainer.py with torchrun (2 processes) and alone.
 
-Usage: python ddp_worker.py OUT_DIR PER_DEVICE_BATCH_SIZE
-Writes OUT_DIR/rank{RANK}.pt with the prototypes, the initialised mask and one weight after training.
+Usage: python ddp_worker.py OUT_DIR PER_DEVICE_BATCH_SIZE [TRAINING_OBJECTIVE]
+Writes OUT_DIR/rank{RANK}.pt with the prototypes, the initialised mask and one weight after training; with the
+"cosee" objective also the signal range this process saw in the epoch and the range it ended with.
 """
 
 import os
@@ -15,8 +16,18 @@ from de3_transformers import DE3Trainer, DE3TrainingArguments
 from conftest import mixed_length_batch, tiny_model
 
 
-def main(out_dir: str, batch_size: int) -> None:
-    model = tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+def main(out_dir: str, batch_size: int, objective: str = "de3") -> None:
+    model = tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, training_objective=objective)
+    seen = {}
+    if objective == "cosee":
+        state = model.cosee_state
+        end_epoch = state.end_epoch
+
+        def recording_end_epoch(reduce_max=None):
+            seen["local"] = torch.tensor([-state._seen[0], state._seen[1]])  # before the processes are merged
+            end_epoch(reduce_max)
+
+        state.end_epoch = recording_end_epoch
     input_ids, attention_mask = mixed_length_batch(batch_size=24, seed=11)
     labels = [(3 * i + i // 5) % 3 for i in range(24)]  # every class in every global batch, uneven per rank
     data = Dataset.from_dict(
@@ -32,8 +43,10 @@ def main(out_dir: str, batch_size: int) -> None:
     rank = int(os.environ.get("RANK", 0))
     memory = model.prototype_memory
     torch.save({"prototypes": memory.prototypes, "initialized": memory.initialized,
-                "classifier": model.classifier.weight.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
+                "classifier": model.classifier.weight.detach(), **seen,
+                "cosee_range": None if model.cosee_state is None else (model.cosee_state.low, model.cosee_state.high)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])

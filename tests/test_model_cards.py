@@ -75,8 +75,9 @@ def card(card_path):
     return ModelCard.load(card_path)
 
 
-def minimal_card(**kwargs):
-    return build_model_card(tiny_model(), **{"task_name": "rte", "dataset_name": "nyu-mll/glue", **kwargs})
+def minimal_card(model=None, **kwargs):
+    model = tiny_model() if model is None else model
+    return build_model_card(model, **{"task_name": "rte", "dataset_name": "nyu-mll/glue", **kwargs})
 
 
 def table_rows(text: str, heading: str, level: str = "##") -> list[list[str]]:
@@ -170,9 +171,23 @@ def test_training_setup_table_has_the_given_values_and_the_config_de3_settings(c
         "Distance": "cosine",
         "Prototype momentum": "0.5",
         "Exit layers": "1, 2, 3, 4",
+        "Training objective": "de3",
         "Hardware": "1x H100",
         "Training time": "4.2 min",
     }
+    assert "trained with the DE3 objective" in card.text
+
+
+def test_training_setup_names_the_cosee_and_mpee_objectives_and_token_exit():
+    cosee = minimal_card(model=tiny_model(training_objective="cosee"), training_setup={"epochs": 1})
+    assert dict(table_rows(cosee.text, "Training set-up"))["Training objective"] == "cosee"
+    assert "trained with COSEE" in cosee.text
+    mpee_model = tiny_model(training_objective="mpee", token_exit_ratio=0.7, exit_memory=0.9)
+    mpee = minimal_card(model=mpee_model, training_setup={"epochs": 1})
+    rows = dict(table_rows(mpee.text, "Training set-up"))
+    assert rows["Token exit ratio R_ee (after layers)"] == "0.7 (1, 3)"
+    assert rows["Exit classifier memory lambda"] == "0.9"
+    assert "trained with MPEE" in mpee.text
 
 
 def test_calibrated_settings_show_threshold_lambda_and_measured_values(card):

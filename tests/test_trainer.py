@@ -101,6 +101,20 @@ def test_two_process_ddp_keeps_prototypes_identical_and_equal_to_one_process(tmp
     torch.testing.assert_close(rank0["classifier"], single["classifier"], atol=1e-5, rtol=0)
 
 
+def test_two_process_ddp_merges_the_cosee_signal_range(tmp_path):
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+              str(worker), str(tmp_path), "4", "cosee"]
+    run = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert not torch.equal(rank0["local"], rank1["local"])  # each process saw its own shard's signals
+    assert rank0["cosee_range"] == rank1["cosee_range"]  # and all draw from the merged range
+    merged = (min(rank0["local"][0], rank1["local"][0]).item(), max(rank0["local"][1], rank1["local"][1]).item())
+    assert rank0["cosee_range"] == pytest.approx(merged)
+
+
 def test_resume_from_checkpoint_restores_prototypes_exactly(tmp_path):
     from transformers import TrainerCallback
 

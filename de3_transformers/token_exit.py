@@ -1,0 +1,136 @@
+"""MPEE's token (horizontal) exit (METHOD.md section 5, paper 004 eqs. 5-8): class attention, its memory across
+layers, and the pruning of the less informative tokens into one fusion token.
+
+Layout of a pruned sequence: `[first token; kept tokens (padded per batch); fusion token]`. Each sample keeps its
+own tokens, so the kept slots are padded to the batch's largest count and masked; the token mask (2D, 1 = attended)
+says which slots are real. Position embeddings were added before the first layer, so reordering tokens is safe.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def class_attention(self_attention: nn.Module, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """`A_class`: the first token's attention row in `self_attention` (a `BertSelfAttention`-like module with
+    `query`, `key`, `num_attention_heads`, `attention_head_size`), averaged over heads (paper 004 eq. 5).
+
+    Computed from the layer's input without the keys of every token: the score of token `j` in head `h` is
+    `q_h . (W_h x_j + b_h) = (W_h^T q_h) . x_j + q_h . b_h`, and the last term is the same for every `j`, so it drops
+    out of the softmax. This costs `2 H^2 + 2 heads H T` instead of the `2 T H^2` of the keys (SDPA does not return
+    attention weights, and the eager path would give up the fused kernel).
+
+    Args:
+        hidden: `[B, T, H]`, the input of the layer.
+        token_mask: `[B, T]`, nonzero for attended tokens.
+
+    Returns:
+        `[B, T]` float32, rows summing to 1, 0 on masked tokens.
+    """
+    heads, size = self_attention.num_attention_heads, self_attention.attention_head_size
+    query = self_attention.query(hidden[:, 0]).view(-1, heads, size)  # [B, heads, d]
+    key_weight = self_attention.key.weight.view(heads, size, -1)  # [heads, d, H]
+    folded = torch.einsum("bnd,ndh->bnh", query, key_weight)  # W_h^T q_h, [B, heads, H]
+    scores = torch.einsum("bnh,bth->bnt", folded, hidden).float() * size**-0.5
+    scores = scores.masked_fill(~token_mask.bool()[:, None, :], float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
+def update_memory(memory: torch.Tensor | None, value: torch.Tensor, momentum: float) -> torch.Tensor:
+    """`(1 - momentum) memory + momentum value` (paper 004 eqs. 6 and 10); the first value starts the memory."""
+    if memory is None or momentum == 1:
+        return value
+    return (1 - momentum) * memory + momentum * value
+
+
+def kept_counts(candidates: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`floor(N (1 - ratio))` for `N` candidate tokens (a tensor of counts), as integers."""
+    return torch.floor(candidates.double() * (1 - ratio) + 1e-9).long()  # 1e-9: 10 * 0.3 must give 3, not 2
+
+
+@dataclass
+class PrunedTokens:
+    """The sequence after a token exit, and which original slots were kept (for tests and analysis)."""
+
+    hidden: torch.Tensor  # [B, T', H]
+    token_mask: torch.Tensor  # [B, T'] long, 1 for real slots
+    memory: torch.Tensor  # [B, T'] class-attention memory of each slot
+    kept: torch.Tensor  # [B, T'] index into the previous slots of each new slot (the fusion slot: -1)
+
+
+def prune_tokens(
+    hidden: torch.Tensor,
+    token_mask: torch.Tensor,
+    memory: torch.Tensor,
+    attention: torch.Tensor,
+    ratio: float,
+    has_fusion: bool,
+) -> PrunedTokens:
+    """Keeps, per sample, the first token and the `floor(N (1 - ratio))` candidates with the highest memory score,
+    and fuses the others (and the previous fusion token, if any) into one fusion token: their class-attention-
+    weighted mean, weights renormalised over the fused tokens so the fusion token has the scale of a token (the paper
+    writes `sum_i alpha_i h_i` and leaves the normalisation open).
+
+    Args:
+        hidden: `[B, T, H]`, the layer's output.
+        token_mask: `[B, T]`, nonzero for real slots.
+        memory: `[B, T]`, class-attention memory `A_m` after this layer.
+        attention: `[B, T]`, this layer's class attention `A_class` (the fusion weights).
+        ratio: `R_ee` in [0, 1).
+        has_fusion: whether the last slot is already a fusion token (it is then fused again, never kept).
+
+    Returns:
+        [`PrunedTokens`]; `N` counts the real slots except the first token and the fusion token.
+    """
+    batch, length, _ = hidden.shape
+    real = token_mask.bool()
+    positions = torch.arange(length, device=hidden.device)
+    candidates = real & (positions > 0)
+    if has_fusion:
+        candidates = candidates & (positions < length - 1)
+    keep = kept_counts(candidates.sum(dim=1), ratio)  # [B]
+    # Rank the candidates by memory (others last); the `keep` best of each row stay, in their original order.
+    order = memory.float().masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, -1))
+    kept_mask = candidates & (rank < keep[:, None])
+    width = int(keep.max())  # the one host synchronisation of a token exit
+    slots = torch.where(kept_mask, positions, positions + length).argsort(dim=1)[:, :width]  # kept first, in order
+    slot_real = torch.arange(width, device=hidden.device) < keep[:, None]
+
+    fused = real & (positions > 0) & ~kept_mask  # pruned candidates and the previous fusion token
+    weights = attention.float() * fused
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    fusion = torch.einsum("bt,bth->bh", weights.to(hidden.dtype), hidden)
+    fusion_real = fused.any(dim=1)
+
+    gather = slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    new_hidden = torch.cat([hidden[:, :1], hidden.gather(1, gather), fusion[:, None]], dim=1)
+    new_mask = torch.cat([token_mask[:, :1].long(), slot_real.long(), fusion_real.long()[:, None]], dim=1)
+    fused_memory = (memory * fused).sum(dim=1, keepdim=True)
+    new_memory = torch.cat([memory[:, :1], memory.gather(1, slots), fused_memory], dim=1)
+    kept = torch.cat([torch.zeros_like(slots[:, :1]), slots, torch.full_like(slots[:, :1], -1)], dim=1)
+    return PrunedTokens(new_hidden, new_mask, new_memory, kept)
+
+
+def token_lengths(lengths: torch.Tensor, ratio: float, token_exit_layers, num_layers: int) -> torch.Tensor:
+    """Tokens each sample runs through every layer under token exit: `[num_layers, N]` from its `N` attended tokens.
+
+    The counts depend only on the length (which tokens are kept does not change how many), so FLOPs can be counted
+    from lengths alone.
+    """
+    current = lengths.long().clone()
+    fusion = torch.zeros_like(current)
+    per_layer = []
+    exits = set(token_exit_layers) if ratio > 0 else set()
+    for layer in range(1, num_layers + 1):
+        per_layer.append(current.clone())
+        if layer in exits:
+            candidates = current - 1 - fusion
+            keep = kept_counts(candidates, ratio)
+            fusion = ((candidates > keep) | (fusion > 0)).long()
+            current = 1 + keep + fusion
+    return torch.stack(per_layer)
+
+
+__all__ = ["PrunedTokens", "class_attention", "kept_counts", "prune_tokens", "token_lengths", "update_memory"]
