@@ -11,8 +11,9 @@ as they are under 1% of a layer), per sample with `L` attended tokens, hidden si
   distances to the `K` prototypes `2 K P`;
 - BERxiT decision (policies that read learning-to-exit scores): `2 H`;
 - MPEE token exit (`token_exit_ratio > 0`): each layer runs on the tokens the sample still has (the lengths follow
-  from the attended length alone, `token_exit.token_lengths`), plus the class attention of the layer's input,
-  `4 H^2 + 2 heads H L` (`token_exit.class_attention`), and mean pooling reads the shorter sequence.
+  from the attended length alone, `token_exit.token_lengths`), plus, up to the last token-exit layer, the class
+  attention of the layer's input, `4 H^2 + 2 heads H L` (`token_exit.class_attention`); mean pooling reads the
+  shorter sequence.
 
 The full model is every layer on every token plus one head (the last exit's), which is what the plain
 `BertForSequenceClassification` runs. The paper's Table V counts the projections alone (1812M of its 1813.5M per
@@ -93,8 +94,10 @@ class FlopsCounter:
         first_exit, lengths = first_exit.cpu(), lengths.cpu()
         tokens = self.layer_lengths(lengths)  # [M, N]
         per_layer = self.layer(tokens)
-        if self.token_exit:
-            per_layer = per_layer + 4 * self.hidden_size**2 + 2 * self.num_heads * self.hidden_size * tokens.double()
+        if self.token_exit:  # class attention, up to the last token-exit layer
+            attention = 4 * self.hidden_size**2 + 2 * self.num_heads * self.hidden_size * tokens.double()
+            before_last = torch.arange(1, self.num_layers + 1) <= self.token_exit_layers[-1]
+            per_layer = per_layer + attention * before_last[:, None]
         exit_rows = torch.tensor(self.exit_layers) - 1
         up_to_exit = per_layer.cumsum(dim=0)[exit_rows] + self.head(tokens[exit_rows]).cumsum(dim=0)  # [E, N]
         spent = up_to_exit.gather(0, first_exit.view(-1, lengths.numel())).view(first_exit.shape)

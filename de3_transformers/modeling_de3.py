@@ -169,6 +169,8 @@ class DE3ModelMixin:
         """
         config = self.config
         token_mask, memory, has_fusion = tokens
+        if layer_number > config.token_exit_layers[-1]:  # no token exit ahead: the memory is not needed any more
+            return self._run_layer(layer, hidden, mask), mask, tokens
         attention = class_attention(layer.attention.self, hidden, token_mask)
         hidden = self._run_layer(layer, hidden, mask)
         memory = update_memory(memory, attention, config.class_attention_momentum)

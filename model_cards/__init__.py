@@ -49,7 +49,9 @@ _TRAINING_LABELS = {
     "training_time": "Training time",
 }
 # Read from the model's config when `training_setup` does not give them: the DE3 training hyper-parameters.
-_CONFIG_TRAINING_FIELDS = ("dar_type", "dar_alpha", "distance", "prototype_momentum", "exit_layers", "training_objective")
+_CONFIG_TRAINING_FIELDS = (
+    "dar_type", "dar_alpha", "distance", "prototype_momentum", "exit_layers", "training_objective",
+)
 # What each training objective is, for the card (METHOD.md sections 2, 4 and 5).
 _OBJECTIVES = {
     "de3": "the DE3 objective: cross-entropy at every exit plus distance-aware regularisation (DAR) weighted by DAR "

@@ -119,7 +119,8 @@ def test_flops_count_the_shorter_sequences():
     head = 2 * hidden**2 + 2 * hidden * labels
     # 9 tokens: 8 candidates keep 4 after layer 1 (6 slots), 4 candidates keep 2 after layer 2 (4 slots).
     tokens = [9, 6, 4, 4]
-    per_layer = [layer(count) + 4 * hidden**2 + 2 * heads * hidden * count for count in tokens]
+    attention = [4 * hidden**2 + 2 * heads * hidden * count for count in tokens[:2]] + [0, 0]  # up to layer 2
+    per_layer = [layer(count) + extra for count, extra in zip(tokens, attention)]
     length = torch.tensor([9])
     assert counter.early_exit(torch.tensor([1]), length).item() == sum(per_layer[:2]) + 2 * head
     assert counter.early_exit(torch.tensor([3]), length).item() == sum(per_layer) + 4 * head
@@ -181,7 +182,8 @@ def test_compact_predict_early_with_token_exit_matches_the_replay(backbone, poli
     with torch.no_grad():
         full = model(input_ids=input_ids, attention_mask=attention_mask, output_exit_signals=True)
     base = get_exit_policy(policy_name, threshold=0.5, lam=1.0, patience=1)
-    values = base.sweep_values(exit_views(full.exit_logits, model.config.exit_layers, full.entropy, full.distance_ratio))
+    views = exit_views(full.exit_logits, model.config.exit_layers, full.entropy, full.distance_ratio)
+    values = base.sweep_values(views)
     for value in (values[len(values) // 3], values[2 * len(values) // 3]):
         policy = base.with_value(value)
         replay = simulate_policy(policy, full.exit_logits, model.config.exit_layers, full.entropy,
@@ -213,7 +215,8 @@ def test_mpee_model_saves_and_loads(tmp_path):
 
 
 def test_config_checks_the_mpee_fields():
-    for bad, message in ((dict(token_exit_ratio=1.0), "token_exit_ratio"), (dict(token_exit_ratio=-0.1), "token_exit_ratio"),
+    for bad, message in ((dict(token_exit_ratio=1.0), "token_exit_ratio"),
+                         (dict(token_exit_ratio=-0.1), "token_exit_ratio"),
                          (dict(token_exit_layers=[2, 1]), "token_exit_layers"),
                          (dict(token_exit_layers=[4]), "token_exit_layers"),
                          (dict(exit_memory=0.0), "exit_memory"), (dict(class_attention_momentum=1.5), "momentum"),
