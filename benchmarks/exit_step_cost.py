@@ -4,8 +4,9 @@
 `predict_early` at batch 1 on short texts spends more per exit than its few small products suggest
 (benchmarks/results/latency_cpu.md). This script times each part of an exit step on a MiniLM-size model (random
 weights; 6 layers, hidden 384, 25 tokens) twice: back to back (hot caches), and after streaming 64 MB through
-the cache, as an encoder layer's weights do between two exits (cold). It then times `predict_early` at threshold
-0 with exits after every layer and with the top exit only, against the plain model, interleaved.
+the cache, as an encoder layer's weights do between two exits (cold), and the whole DE3 decision (entropy, distance
+ratio, EDR, comparison) eager and under `torch.compile` (one fused kernel). It then times `predict_early` at
+threshold 0 with exits after every layer and with the top exit only, against the plain model, interleaved.
 
     python benchmarks/exit_step_cost.py [--out benchmarks/results/exit_step_cost_cpu.md]
 """
@@ -34,6 +35,12 @@ def model_with(exit_layers) -> DE3BertForSequenceClassification:
     with torch.no_grad():  # a labelled training-mode forward sets every prototype
         model(input_ids=torch.randint(1000, 2000, (8, 16)), labels=torch.arange(8) % 2)
     return model.eval()
+
+
+def de3_decision(logits, features, prototypes):
+    entropy = normalized_entropy(logits)
+    ratio = distance_ratio(logits, features, prototypes, "cosine")
+    return hybrid_indicator(entropy, ratio, 1.0) < 0.3
 
 
 def part_costs(model, rounds: int) -> list[str]:
@@ -65,6 +72,10 @@ def part_costs(model, rounds: int) -> list[str]:
             "EDR": lambda: hybrid_indicator(entropy, ratio, 1.0),
             "decision sync (`nonzero`)": lambda: (ratio < 0).nonzero(),
         }
+        compiled = torch.compile(de3_decision, dynamic=True)
+        compiled(logits, features, prototypes)  # compiles (tens of seconds), outside the timing
+        parts["whole DE3 decision, eager"] = lambda: de3_decision(logits, features, prototypes)
+        parts["whole DE3 decision, `torch.compile`"] = lambda: compiled(logits, features, prototypes)
         lines = ["| part of one exit | hot (us) | cold (us) |", "|---|---|---|"]
         for name, step in parts.items():
             lines.append(f"| {name} | {median_us(step, False):.1f} | {median_us(step, True):.1f} |")

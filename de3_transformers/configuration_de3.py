@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 from transformers import BertConfig, RobertaConfig
 
+from .losses import COSEE_SIGNALS
+
 
 DISTANCES = ("cosine", "euclidean")
 DAR_TYPES = ("center", "alienation", "combined")
 EXIT_POOLINGS = ("first", "mean")
 TRAINING_OBJECTIVES = ("de3", "cosee", "mpee")
-COSEE_SIGNALS = ("energy", "entropy", "max_prob")
 
 
 @dataclass(kw_only=True)
@@ -195,7 +196,7 @@ class DE3ConfigMixin:
                 f"training_objective={self.training_objective!r} is unknown; choose one of {TRAINING_OBJECTIVES}."
             )
         if self.cosee_signal not in COSEE_SIGNALS:
-            raise ValueError(f"cosee_signal={self.cosee_signal!r} is unknown; choose one of {COSEE_SIGNALS}.")
+            raise ValueError(f"cosee_signal={self.cosee_signal!r} is unknown; choose one of {sorted(COSEE_SIGNALS)}.")
         check_number("cosee_num_thresholds", self.cosee_num_thresholds, low=1, integer=True)
         for name in ("cosee_beta", "cosee_alpha", "cosee_margin"):
             check_number(name, getattr(self, name), low=0.0)
