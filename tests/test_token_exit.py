@@ -81,6 +81,27 @@ def test_nothing_to_fuse_leaves_the_fusion_slot_masked():
     torch.testing.assert_close(kept_all.hidden[0, :6], hidden[0])
 
 
+def test_model_keeps_the_tokens_with_the_highest_class_attention_memory():
+    model = tiny_model(**{**MPEE, "token_exit_layers": [2], "class_attention_momentum": 0.25})
+    input_ids, attention_mask = mixed_length_batch(batch_size=4)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden, mask = model._embed(input_ids, attention_mask, None, None, None)
+        layers = model.bert.encoder.layer
+        first = class_attention(layers[0].attention.self, hidden, attention_mask)
+        hidden = model._run_layer(layers[0], hidden, mask)
+        second = class_attention(layers[1].attention.self, hidden, attention_mask)
+        hidden = model._run_layer(layers[1], hidden, mask)
+    memory = 0.75 * first + 0.25 * second  # A_m^2 = (1 - beta) A_m^1 + beta A_class^2, with A_m^1 = A_class^1
+    pruned = out.hidden_states[2]  # after layer 2, pruned: [first; kept; fusion]
+    for row in range(4):
+        candidates = int(attention_mask[row].sum()) - 1
+        keep = candidates // 2
+        best = (memory[row, 1:] * attention_mask[row, 1:]).topk(keep).indices + 1
+        torch.testing.assert_close(pruned[row, 1:1 + keep], hidden[row, best.sort().values])
+        torch.testing.assert_close(pruned[row, 0], hidden[row, 0])
+
+
 def test_token_lengths_follow_from_the_length_alone():
     # 10 tokens, R_ee 0.7 after layers 2 and 4 of 6: 9 candidates keep 2 (+ first + fusion = 4), then 2 candidates
     # keep 0 (first + fusion = 2).
