@@ -1,5 +1,5 @@
 """GPU checks (skipped where there is no CUDA device): compact early exit on the GPU agrees with the replay of a full
-forward for every policy, in float16 and bfloat16, and with the CPU in float32."""
+forward for every policy, in float16 and bfloat16, and with the CPU in float32; so does MPEE's token exit."""
 
 import pytest
 import torch
@@ -41,3 +41,17 @@ def test_gpu_float32_matches_the_cpu():
     torch.testing.assert_close(on_gpu.logits.cpu(), on_cpu.logits, atol=1e-4, rtol=0)
     rows = [{"input_ids": ids[mask.bool()].tolist()} for ids, mask in zip(input_ids, attention_mask)]
     assert predict_dataset(model, rows, batch_size=8, threshold=0.5).exit_layers.tolist() == on_cpu.exit_layers.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_token_exit_matches_the_replay(dtype):
+    model = train_prototypes(tiny_model("bert", training_objective="mpee", token_exit_ratio=0.5, exit_memory=0.9))
+    model.to("cuda", dtype)
+    input_ids, attention_mask = (tensor.cuda() for tensor in mixed_length_batch(batch_size=40, seed=3))
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask, output_exit_signals=True)
+    policy = get_exit_policy("entropy", threshold=float(full.entropy.float().quantile(0.5)))
+    result = model.predict_early(input_ids, attention_mask, policy=policy)
+    simulated = simulate_policy(policy, full.exit_logits, model.config.exit_layers, full.entropy)
+    assert torch.isfinite(result.logits).all()
+    assert (result.exit_layers == simulated.exit_layers).double().mean().item() >= 0.95
