@@ -69,6 +69,14 @@ class DE3LossParts:
     dar_loss: torch.Tensor
 
 
+def per_exit_cross_entropy(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of every exit for every sample: `[num_exits, B]` float32 from `[num_exits, B, K]` logits."""
+    num_exits, batch, num_labels = exit_logits.shape
+    return F.cross_entropy(
+        exit_logits.float().reshape(-1, num_labels), labels.repeat(num_exits), reduction="none"
+    ).view(num_exits, batch)
+
+
 def layer_weighted_loss(
     exit_logits: torch.Tensor, labels: torch.Tensor, dar: torch.Tensor, exit_layers: list[int], alpha: float
 ) -> DE3LossParts:
@@ -82,10 +90,7 @@ def layer_weighted_loss(
         exit_layers: the encoder layer of each exit.
         alpha: weight of DAR.
     """
-    num_exits, batch, num_labels = exit_logits.shape
-    cross_entropy = F.cross_entropy(
-        exit_logits.float().reshape(-1, num_labels), labels.repeat(num_exits), reduction="none"
-    ).view(num_exits, batch).mean(dim=-1)
+    cross_entropy = per_exit_cross_entropy(exit_logits, labels).mean(dim=-1)
     weights = torch.tensor(exit_layers, dtype=torch.float32, device=exit_logits.device)
     weights = weights / weights.sum()
     ce_loss = (weights * cross_entropy).sum()
@@ -204,10 +209,11 @@ def online_signal_calibration(
 
 @dataclass
 class COSEELossParts:
-    """`ce_loss + alpha * osc_loss` of COSEE (paper 002 eq. 9)."""
+    """`ce_loss + alpha * osc_loss` of COSEE (paper 002 eq. 9), and the exit signals they were computed from."""
 
     ce_loss: torch.Tensor
     osc_loss: torch.Tensor
+    signals: torch.Tensor  # [E - 1, N], with gradient
 
 
 def cosee_loss(
@@ -235,15 +241,12 @@ def cosee_loss(
     if signal not in COSEE_SIGNALS:
         raise ValueError(f"signal={signal!r} is unknown; choose one of {sorted(COSEE_SIGNALS)}.")
     signal_of, exits_below = COSEE_SIGNALS[signal]
-    num_exits, batch, num_labels = exit_logits.shape
-    cross_entropy = F.cross_entropy(
-        exit_logits.float().reshape(-1, num_labels), labels.repeat(num_exits), reduction="none"
-    ).view(num_exits, batch)
+    cross_entropy = per_exit_cross_entropy(exit_logits, labels)
     signals = signal_of(exit_logits[:-1])
     weights = cosee_sample_weights(signals, thresholds, exit_layers, beta, exits_below)
     ce_loss = (weights * cross_entropy[None]).sum(dim=1).mean()  # sum over exits, mean over samples and thresholds
     correct = exit_logits[:-1].argmax(dim=-1) == labels
-    return COSEELossParts(ce_loss, online_signal_calibration(signals, correct, margin, exits_below))
+    return COSEELossParts(ce_loss, online_signal_calibration(signals, correct, margin, exits_below), signals)
 
 
 # MPEE (METHOD.md section 5, paper 004)
@@ -281,8 +284,7 @@ def self_distillation_loss(exit_logits: torch.Tensor, teacher: torch.Tensor, tem
 def joint_cross_entropy(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """MPEE's classification loss (paper 004 eq. 11): the cross-entropy of every exit, summed over exits and
     averaged over the batch."""
-    num_exits, _, num_labels = exit_logits.shape
-    return F.cross_entropy(exit_logits.float().reshape(-1, num_labels), labels.repeat(num_exits)) * num_exits
+    return per_exit_cross_entropy(exit_logits, labels).mean(dim=1).sum()
 
 
 __all__ = [
@@ -298,5 +300,6 @@ __all__ = [
     "layer_weighted_loss",
     "learning_to_exit_loss",
     "online_signal_calibration",
+    "per_exit_cross_entropy",
     "self_distillation_loss",
 ]

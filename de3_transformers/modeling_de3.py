@@ -23,7 +23,6 @@ from transformers.utils import ModelOutput, logging
 from .configuration_de3 import DE3BertConfig, DE3RobertaConfig
 from .exit_policies import EXIT_POLICIES, ExitPolicy, ExitView, get_exit_policy, layer_speedup
 from .losses import (
-    COSEE_SIGNALS,
     COSEEState,
     ExitEnsembleTeacher,
     cosee_loss,
@@ -389,7 +388,7 @@ class DE3ModelMixin:
                 config.exit_layers, state.progress * config.cosee_beta, config.cosee_margin, config.cosee_signal,
             )
             if self.training:  # the range the next epoch draws its thresholds from
-                state.observe(COSEE_SIGNALS[config.cosee_signal][0](exit_logits[:-1].detach()))
+                state.observe(parts.signals)
             return parts.ce_loss, config.cosee_alpha * parts.osc_loss, {"osc_loss": parts.osc_loss}
         if config.training_objective == "mpee":
             # The teacher reads detached exits: the gradient reaches the backbone through the students only.

@@ -84,11 +84,12 @@ class COSEECallback(TrainerCallback):
 
 
 def _all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        tensor = tensor.to(device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tensor.cpu()
+    # As `PrototypeMemory.update` does: the tensor lives on the model's device, the one the process group uses.
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 class DE3Trainer(Trainer):
