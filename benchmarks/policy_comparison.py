@@ -124,7 +124,8 @@ def report(args) -> None:
         signal_rank_correlation,
     )
     from de3_transformers.benchmarking import hardware, write_report
-    from de3_transformers.calibration import calibrate, collect_exit_signals, evaluate_early_exit, tradeoff_curve
+    from de3_transformers.calibration import calibrate, tradeoff_curve
+    from de3_transformers.evaluation import collect_exit_signals, evaluate_early_exit
     from de3_transformers.data import GLUE_TASKS
     from de3_transformers.exit_policies import get_exit_policy
     from de3_transformers.metrics import classification_metrics

@@ -160,7 +160,7 @@ def main() -> None:
             batch = tokenizer(batch_texts, padding=True, truncation=True, max_length=args.max_length,
                               return_tensors="pt")
             result = model.predict_early(**batch, threshold=threshold, lam=lam)
-            exit_sum = int(result.exit_layers.sum())  # only sums are kept, so the loop itself holds no growing state
+            exit_sum = int(result.sample_exit_layers.sum())  # only sums are kept, so the loop itself holds no growing state
             layers_total += exit_sum
             interval_layers += exit_sum
             interval_texts += size

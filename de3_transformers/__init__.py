@@ -7,27 +7,25 @@ loads with `trust_remote_code=True` where this package is not installed.
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from .calibration import CalibrationResult, calibrate, collect_exit_signals, evaluate_early_exit
+from .calibration import CalibrationResult, calibrate
 from .configuration_de3 import DE3BertConfig, DE3ConfigMixin, DE3RobertaConfig
+from .evaluation import ExitSignals, collect_exit_signals, evaluate_early_exit
 from .exit_policies import (
     EXIT_POLICIES,
     ExitPolicy,
     SimulatedExits,
     ThresholdPolicy,
+    build_exit_policy,
     get_exit_policy,
     layer_speedup,
     register_exit_policy,
-    simulate_early_exit,
     simulate_policy,
 )
 from .inference import predict_dataset
+from .modeling_de3 import DE3BertForSequenceClassification, DE3RobertaForSequenceClassification
+from .modeling_outputs import DE3EarlyExitOutput, DE3SequenceClassifierOutput
+from .objectives import TrainingObjective, register_training_objective
 from .trainer import DE3Trainer, DE3TrainingArguments
-from .modeling_de3 import (
-    DE3BertForSequenceClassification,
-    DE3EarlyExitOutput,
-    DE3RobertaForSequenceClassification,
-    DE3SequenceClassifierOutput,
-)
 
 
 __version__ = "0.1.0"
@@ -55,8 +53,11 @@ __all__ = [
     "DE3Trainer",
     "DE3TrainingArguments",
     "ExitPolicy",
+    "ExitSignals",
     "SimulatedExits",
     "ThresholdPolicy",
+    "TrainingObjective",
+    "build_exit_policy",
     "calibrate",
     "collect_exit_signals",
     "evaluate_early_exit",
@@ -64,6 +65,6 @@ __all__ = [
     "layer_speedup",
     "predict_dataset",
     "register_exit_policy",
-    "simulate_early_exit",
+    "register_training_objective",
     "simulate_policy",
 ]

@@ -2,13 +2,13 @@
 with the oracle as upper bound, the per-layer exit histogram, the accuracy of correctness estimation (DE3 paper,
 Fig. 8) and the rank correlation of entropy and distance ratio (Table VII)."""
 
-from pathlib import Path
-
 import torch
 from scipy.stats import spearmanr
 
-from .calibration import ExitSignals, MetricFn, TradeoffPoint, plot_tradeoff, tradeoff_curve
+from .calibration import TradeoffPoint, tradeoff_curve
+from .evaluation import ExitSignals, MetricFn
 from .exit_policies import ExitPolicy, get_exit_policy, simulate_first_exits
+from .plots import plot_exit_histograms, plot_policy_comparison
 from .signals import hybrid_indicator
 
 
@@ -46,17 +46,6 @@ def policy_curves(
             for label, policy in policies.items()}
 
 
-def plot_policy_comparison(curves: dict[str, list[TradeoffPoint]], path, full_accuracy: float | None = None,
-                           speedup: str = "layer", title: str | None = None) -> Path:
-    """Accuracy against speed-up (`"layer"` or `"flops"`), one line per policy, single points (the oracle) as stars.
-
-    Raises:
-        ImportError: without matplotlib. ValueError: for empty curves or an unknown `speedup`.
-    """
-    return plot_tradeoff(curves, path, full_accuracy=full_accuracy, speedup=speedup,
-                         title=title or "Exit policies: accuracy against speed-up")
-
-
 def exit_histogram(signals: ExitSignals, policy: ExitPolicy) -> dict[int, int]:
     """How many samples leave at each exit layer under `policy` (a policy with all its parameters set).
 
@@ -66,35 +55,6 @@ def exit_histogram(signals: ExitSignals, policy: ExitPolicy) -> dict[int, int]:
     first = simulate_first_exits(policy, signals.views())
     counts = torch.bincount(first.flatten(), minlength=len(signals.exit_layers))
     return {layer: int(count) for layer, count in zip(signals.exit_layers, counts.tolist())}
-
-
-def plot_exit_histograms(histograms: dict[str, dict[int, int]], path, title: str = "Exit layers") -> Path:
-    """Bar chart of [`exit_histogram`] results, one group of bars per exit layer, one colour per label.
-
-    Raises:
-        ImportError: without matplotlib. ValueError: for no histograms.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not histograms:
-        raise ValueError("histograms is empty; pass {label: exit_histogram(...)}.")
-    figure = Figure(figsize=(6, 3.5), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    width = 0.8 / len(histograms)
-    for offset, (label, counts) in enumerate(histograms.items()):
-        layers = list(counts)
-        positions = [index + offset * width for index in range(len(layers))]
-        axes.bar(positions, list(counts.values()), width=width, label=label)
-    axes.set_xticks([index + 0.4 - width / 2 for index in range(len(layers))], [str(layer) for layer in layers])
-    axes.set_xlabel("exit layer")
-    axes.set_ylabel("samples")
-    axes.set_title(title)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(Path(path), format="png")
-    return Path(path)
 
 
 def correctness_estimation_accuracy(signals: ExitSignals, threshold: float = 0.2, lam: float = 1.0) -> dict:

@@ -1,66 +1,29 @@
 """Calibration of an exit policy for a target layer speed-up (METHOD.md section 6), from one full-depth pass.
 
-The signals of every exit (logits, entropy, distance ratio, learning-to-exit scores) are collected once; every
-candidate threshold (or patience) is then replayed on them with the same policy object as `predict_early` uses
-(`exit_policies.simulate_first_exits`), so the whole accuracy / speed-up trade-off of every policy costs a single
-forward per sample, whatever the number of thresholds, lambdas or policies.
-
-    python -m de3_transformers.calibration --model_name_or_path DIR --validation_file dev.tsv \
-        --text_column sentence --label_column label --target_speedup 2.0 --lam_grid 0,1,2 --output_dir OUT
+The signals of every exit (logits, entropy, distance ratio, learning-to-exit scores) are collected once
+(`evaluation.collect_exit_signals`); every candidate threshold (or patience) is then replayed on them with the same
+policy object as `predict_early` uses (`exit_policies.simulate_first_exits`), so the whole accuracy / speed-up
+trade-off of every policy costs a single forward per sample, whatever the number of thresholds, lambdas or policies.
+The command line is `calibration_cli` (`python -m de3_transformers.calibration ...`).
 """
 
-import json
 import numbers
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from transformers.utils import logging
 
 from .configuration_de3 import check_exit_parameters
-from .exit_policies import EXIT_POLICIES, ExitPolicy, exit_views, get_exit_policy, layer_speedup, simulate_first_exits
-from .flops import FlopsCounter
+from .evaluation import ExitSignals, MetricFn, collect_exit_signals, evaluate_early_exit
+from .exit_policies import EXIT_POLICIES, ExitPolicy, get_exit_policy, layer_speedup, simulate_first_exits
 
 
 logger = logging.get_logger(__name__)
 
-MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
-
 # Thresholds are compared with [thresholds, exits, samples] bool tensors; chunks keep them below this many elements.
 _CHUNK_ELEMENTS = 1 << 23
-
-
-@dataclass
-class ExitSignals:
-    """Everything a policy needs, from one full-depth pass over a labelled data set (all on CPU).
-
-    `exit_logits` `[E, N, K]` (float32), `entropy` `[E-1, N]`, `distance_ratio` `[E-1, N]` or `None` while some
-    prototype is uninitialised, `labels` `[N]`, the encoder layer of each exit, the depth `M` of the model, and, when
-    collected from a model: `exit_scores` `[E-1, N]` (models with learning-to-exit heads), the number of attended
-    tokens of each sample `lengths` `[N]` and the model's [`FlopsCounter`] (for FLOPs speed-ups).
-    """
-
-    exit_logits: torch.Tensor
-    entropy: torch.Tensor
-    distance_ratio: torch.Tensor | None
-    labels: torch.Tensor
-    exit_layers: list[int]
-    num_layers: int
-    exit_scores: torch.Tensor | None = None
-    lengths: torch.Tensor | None = None
-    flops: FlopsCounter | None = None
-
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-    def views(self):
-        """One `ExitView` per exit below the top, over all samples."""
-        return exit_views(self.exit_logits, self.exit_layers, self.entropy, self.distance_ratio, self.exit_scores,
-                          self.labels)
 
 
 @dataclass
@@ -113,172 +76,6 @@ class CalibrationResult:
         return values
 
 
-def _label_key(row) -> str:
-    for key in ("labels", "label"):
-        if key in row:
-            return key
-    raise ValueError(
-        f"The dataset has no 'label' or 'labels' column (its first row has {sorted(row)}); calibration measures "
-        "accuracy, so it needs labelled data: add the label column (class ids, see model.config.label2id)."
-    )
-
-
-def _pad_rows(rows: list[dict], pad_token_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pads a list of tokenized rows into a batch (attention mask 0 on the padding), to `length` tokens or to
-    the longest row.
-
-    Not `DataCollatorWithPadding`: that needs a tokenizer, and a saved model folder may have none. The padding is the
-    model's own `pad_token_id`, as its tokenizer would write it (RoBERTa derives position ids from that id).
-    """
-    ids = [torch.as_tensor(row["input_ids"], dtype=torch.long).flatten() for row in rows]
-    length = max(row.numel() for row in ids) if length is None else length
-    batch = {"input_ids": torch.full((len(rows), length), pad_token_id, dtype=torch.long),
-             "attention_mask": torch.zeros(len(rows), length, dtype=torch.long)}
-    with_types = "token_type_ids" in rows[0]
-    if with_types:
-        batch["token_type_ids"] = torch.zeros(len(rows), length, dtype=torch.long)
-    for index, (row, tokens) in enumerate(zip(rows, ids)):
-        size = tokens.numel()
-        batch["input_ids"][index, :size] = tokens
-        mask = row.get("attention_mask")
-        batch["attention_mask"][index, :size] = 1 if mask is None else torch.as_tensor(mask).flatten()
-        if with_types:
-            batch["token_type_ids"][index, :size] = torch.as_tensor(row["token_type_ids"]).flatten()
-    return batch
-
-
-def _collate(rows: list[dict], pad_token_id: int, label_key: str) -> dict[str, torch.Tensor]:
-    """[`_pad_rows`] plus the rows' labels, checked to be integer class ids."""
-    batch = _pad_rows(rows, pad_token_id)
-    values = [row[label_key] for row in rows]
-    try:
-        labels = torch.as_tensor([int(value) if isinstance(value, np.integer) else value for value in values])
-    except (TypeError, ValueError, RuntimeError):
-        labels = None
-    if labels is None or labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
-        raise ValueError(
-            f"Labels must be integer class ids, got {values[:4]} (first values); map string labels with "
-            "model.config.label2id first."
-        )
-    batch["labels"] = labels
-    return batch
-
-
-def _batches(model, dataset, batch_size: int) -> DataLoader:
-    """Labelled batches of `dataset`, in order.
-
-    Raises:
-        ValueError: for a `batch_size` below 1, an empty dataset or one without labels.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty; calibration needs labelled examples (a validation split).")
-    label_key = _label_key(dataset[0])
-    pad = model.config.pad_token_id
-    pad = 0 if pad is None else pad  # the attention mask hides padding anyway; only RoBERTa's positions need the id
-    num_labels = model.config.num_labels
-
-    def collate(rows):
-        batch = _collate(rows, pad, label_key)
-        labels = batch["labels"]
-        if ((labels < 0) | (labels >= num_labels)).any():  # checked before the forward, not after the whole pass
-            bad = labels[(labels < 0) | (labels >= num_labels)].unique().tolist()
-            raise ValueError(
-                f"Labels {bad[:8]} are not class ids in [0, {num_labels}) (a test split without gold labels uses "
-                "-1); calibrate on labelled data, with labels mapped through model.config.label2id."
-            )
-        return batch
-
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-
-
-def _progress(loader: DataLoader, description: str):
-    # transformers' tqdm honours `transformers.utils.logging.disable_progress_bar()`; `disable=None` turns the bar
-    # off where stderr is not a terminal (CI logs, redirected output).
-    return logging.tqdm(loader, desc=description, total=len(loader), disable=None)
-
-
-class _EvalOn:
-    """Puts a model in eval mode on `device` for a `with` block, and restores its mode and device afterwards."""
-
-    def __init__(self, model, device):
-        self.model, self.device = model, torch.device(device) if device is not None else model.device
-
-    def __enter__(self):
-        self.was_training, self.home = self.model.training, self.model.device
-        self.model.eval()
-        if self.device != self.home:
-            self.model.to(self.device)
-        return self.device
-
-    def __exit__(self, *exc_info):
-        self.model.train(self.was_training)
-        if self.device != self.home:
-            self.model.to(self.home)
-
-
-def collect_exit_signals(model, dataset, batch_size: int = 64, device=None) -> ExitSignals:
-    """Runs the full model once over a labelled dataset and keeps every exit's logits and exit signals.
-
-    Args:
-        model: a DE3 model (`DE3BertForSequenceClassification`, `DE3RobertaForSequenceClassification`).
-        dataset: a tokenized `datasets.Dataset`, or any sequence of dicts, with `input_ids`, optionally
-            `attention_mask` and `token_type_ids`, and a `label` or `labels` column of class ids. It is read in
-            order, in batches right-padded with `model.config.pad_token_id`.
-        batch_size: samples per forward.
-        device: where to run; defaults to the model's device. The model is moved back afterwards.
-
-    Returns:
-        [`ExitSignals`] on CPU, samples in dataset order. The model's train/eval mode is restored; its prototypes
-        are untouched (eval mode never updates them).
-
-    Raises:
-        ValueError: for an empty dataset, one without labels, labels that are not class ids in `[0, num_labels)`,
-            or a `batch_size` below 1.
-    """
-    loader = _batches(model, dataset, batch_size)
-    logits, entropy, ratio, scores, labels, lengths = [], [], [], [], [], []
-    with _EvalOn(model, device) as run_device, torch.inference_mode():
-        for batch in _progress(loader, "Collecting exit signals"):
-            labels.append(batch.pop("labels"))
-            lengths.append(batch["attention_mask"].sum(dim=-1))
-            output = model(**{name: tensor.to(run_device) for name, tensor in batch.items()},
-                           output_exit_signals=True)
-            logits.append(output.exit_logits.float().cpu())
-            entropy.append(output.entropy.cpu())
-            ratio.append(None if output.distance_ratio is None else output.distance_ratio.cpu())
-            scores.append(None if output.exit_scores is None else output.exit_scores.cpu())
-    return ExitSignals(
-        exit_logits=torch.cat(logits, dim=1),
-        entropy=torch.cat(entropy, dim=1),
-        # Prototypes do not change in eval mode, so the ratio is either there for every batch or for none.
-        distance_ratio=None if any(part is None for part in ratio) else torch.cat(ratio, dim=1),
-        labels=torch.cat(labels),
-        exit_layers=list(model.config.exit_layers),
-        num_layers=model.config.num_hidden_layers,
-        exit_scores=None if any(part is None for part in scores) else torch.cat(scores, dim=1),
-        lengths=torch.cat(lengths),
-        flops=FlopsCounter.from_config(model.config),
-    )
-
-
-def _check_signals(signals: ExitSignals, policy: ExitPolicy) -> None:
-    """Raises ValueError when the signals lack what `policy` reads."""
-    if signals.entropy.shape[0] == 0:
-        return  # a single exit: nothing is read
-    if policy.needs_distance_ratio and signals.distance_ratio is None:
-        raise ValueError(
-            f"Policy {policy.name!r} ({policy.parameters()}) needs the distance ratio, but some prototypes of this "
-            "model are not initialised. Train the model first (DE3Trainer, or labelled forwards in train mode), or "
-            "calibrate with lam=0 (entropy alone)."
-        )
-    if policy.needs_exit_scores and signals.exit_scores is None:
-        raise ValueError(
-            f"Policy {policy.name!r} needs learning-to-exit scores: train the model with learning_to_exit=True."
-        )
-
-
 def _thin(values: list, max_points: int) -> list:
     """`max_points` of `values` at evenly spaced ranks, the first and the last always kept."""
     if len(values) <= max_points:
@@ -298,23 +95,12 @@ def sweep_candidates(signals: ExitSignals, policy: "str | ExitPolicy" = "de3", m
             `max_points < 2`.
     """
     policy = get_exit_policy(policy, **parameters)
-    _check_signals(signals, policy)
+    signals.check_readable_by(policy)
     if max_points < 2:
         raise ValueError(f"max_points={max_points} must be at least 2 (the 1x point and the largest speed-up).")
     if policy.sweep is None:
         return []
     return _thin(policy.sweep_values(signals.views()), max_points)
-
-
-def candidate_thresholds(signals: ExitSignals, lam: float, max_points: int = 2000) -> list[float]:
-    """[`sweep_candidates`] of the DE3 policy: 0 (no early exit, 1x), a point between each two consecutive
-    distinct running-minimum EDR values, and one above the largest (every sample leaves at the first exit).
-
-    Raises:
-        ValueError: for a `lam` out of range, `lam > 0` without initialised prototypes, or `max_points < 2`.
-    """
-    check_exit_parameters(0.0, lam)
-    return sweep_candidates(signals, "de3", max_points, lam=lam)
 
 
 def _point(signals, policy: ExitPolicy, first: torch.Tensor, predictions, metric_fn, layers) -> TradeoffPoint:
@@ -375,7 +161,7 @@ def tradeoff_curve(
     if lam is not None:
         check_exit_parameters(0.0, lam)
     base = get_exit_policy(policy, lam=lam, patience=patience)
-    _check_signals(signals, base)
+    signals.check_readable_by(base)
     views = signals.views()
     predictions = signals.exit_logits.argmax(dim=-1)  # [E, N]
     layers = torch.tensor(signals.exit_layers)
@@ -565,278 +351,19 @@ def calibrate(
     )
 
 
-def evaluate_early_exit(
-    model,
-    dataset,
-    threshold: float | None = None,
-    lam: float | None = None,
-    metric_fn: MetricFn | None = None,
-    batch_size: int = 64,
-    device=None,
-    policy: "str | ExitPolicy | None" = None,
-    patience: int | None = None,
-) -> dict[str, float]:
-    """Measures early exit for real with `predict_early` (layers skipped, not simulated) on labelled data.
-
-    Args:
-        model, dataset, batch_size, device: as for [`collect_exit_signals`].
-        threshold, lam, policy, patience: as for `predict_early`; default to the model's config (the calibrated
-            values).
-        metric_fn: extra metrics, see [`tradeoff_curve`].
-
-    Returns:
-        `{"speedup": layer speed-up over the whole dataset, "flops_speedup": ..., "accuracy": ...,
-        **metric_fn's metrics}`.
-
-    Raises:
-        ValueError: as [`collect_exit_signals`] and `predict_early`.
-        RuntimeError: when the policy reads the distance ratio and some prototype was never initialised.
-    """
-    loader = _batches(model, dataset, batch_size)
-    exit_policy = model._exit_policy(policy, threshold, lam, patience)
-    predictions, layers, labels, lengths = [], [], [], []
-    with _EvalOn(model, device) as run_device:
-        for batch in _progress(loader, "Early-exit evaluation"):
-            labels.append(batch.pop("labels"))
-            lengths.append(batch["attention_mask"].sum(dim=-1))
-            inputs = {name: tensor.to(run_device) for name, tensor in batch.items()}
-            result = model.predict_early(**inputs, policy=exit_policy,
-                                         labels=labels[-1].to(run_device) if exit_policy.needs_labels else None)
-            predictions.append(result.logits.argmax(dim=-1).cpu())
-            layers.append(result.exit_layers.cpu())
-    predictions, labels, layers = torch.cat(predictions), torch.cat(labels), torch.cat(layers)
-    exit_index = torch.searchsorted(torch.tensor(model.config.exit_layers), layers)
-    flops = FlopsCounter.from_config(model.config).speedup(
-        exit_index, torch.cat(lengths), exit_policy.needs_distance_ratio, exit_policy.needs_exit_scores)
-    measured = {"speedup": layer_speedup(layers, model.config.num_hidden_layers), "flops_speedup": float(flops),
-                "accuracy": float((predictions == labels).double().mean())}
-    if metric_fn is not None:
-        measured.update({name: float(value) for name, value in metric_fn(predictions.numpy(), labels.numpy()).items()})
-    return measured
-
-
-def plot_tradeoff(curves: dict[str, list[TradeoffPoint]], path, full_accuracy: float | None = None,
-                  speedup: str = "layer", title: str = "DE3 early exit: accuracy against layer speed-up") -> Path:
-    """Draws accuracy against speed-up, one line per curve (a curve of one point, such as the oracle's, as a star),
-    and saves it as a PNG.
-
-    Args:
-        curves: `{label: points}`, e.g. `{"lam=1": result.curve}`.
-        path: the PNG file to write.
-        full_accuracy: drawn as a dashed line for the full model when given.
-        speedup: the x axis: `"layer"` (METHOD.md eq. 12) or `"flops"` (points need `flops_speedup`).
-        title: of the figure.
-
-    Returns:
-        The path written.
-
-    Raises:
-        ImportError: if matplotlib is not installed (`pip install matplotlib`).
-        ValueError: if `curves` is empty or `speedup` is unknown.
-    """
-    try:
-        # The object-oriented API with an explicit Agg canvas: no pyplot, so the caller's backend and figures
-        # (a notebook's, say) are left alone.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("plot_tradeoff needs matplotlib: pip install matplotlib") from error
-    if not curves:
-        raise ValueError("curves is empty; pass {label: tradeoff_curve(...)}.")
-    if speedup not in ("layer", "flops"):
-        raise ValueError(f"speedup={speedup!r} is unknown; choose 'layer' or 'flops'.")
-    attribute = "speedup" if speedup == "layer" else "flops_speedup"
-    figure = Figure(figsize=(6, 4), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for label, points in curves.items():
-        points = sorted(points, key=lambda point: getattr(point, attribute))
-        style = {"marker": "*", "markersize": 10, "linestyle": "none"} if len(points) == 1 else \
-            {"marker": ".", "markersize": 3, "linewidth": 1.2}
-        axes.plot([getattr(point, attribute) for point in points], [point.accuracy for point in points],
-                  label=str(label), **style)
-    if full_accuracy is not None:
-        axes.axhline(full_accuracy, color="gray", linestyle="--", linewidth=1, label="full model")
-    axes.set_xlabel(f"{'layer' if speedup == 'layer' else 'FLOPs'} speed-up (x)")
-    axes.set_ylabel("accuracy")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, format="png")
-    return path
-
-
-# Command line
-
-
-@dataclass
-class CalibrationArguments:
-    """Arguments of `python -m de3_transformers.calibration`.
-
-    Raises:
-        ValueError: for a missing or unsupported validation file, a target below 1, both `lam` and `lam_grid`, a
-            lambda out of range, or a non-positive `max_length` / `batch_size`.
-    """
-
-    model_name_or_path: str = field(metadata={"help": "A saved DE3 model (folder with its tokenizer)."})
-    validation_file: str = field(metadata={"help": "Labelled csv, tsv or json(l) file to calibrate on."})
-    output_dir: str = field(metadata={"help": "Where the calibrated model, calibration.json and tradeoff.png go."})
-    text_column: str = field(default="sentence", metadata={"help": "Column of the (first) text."})
-    text_pair_column: str | None = field(default=None, metadata={"help": "Column of the second text, for pairs."})
-    label_column: str = field(default="label", metadata={"help": "Column of the labels (ids or label names)."})
-    target_speedup: float = field(default=2.0, metadata={"help": "Layer speed-up to reach (>= 1)."})
-    policy: str = field(default="de3", metadata={"help": "Exit policy: de3, entropy, max_prob, energy, patience, "
-                                                         "patient_confident or learned."})
-    lam: float | None = field(default=None, metadata={"help": "EDR lambda (default: the model config's)."})
-    lam_grid: str | None = field(
-        default=None, metadata={"help": "Comma-separated lambdas to search instead of --lam, e.g. 0,0.667,1,1.5,2,3."}
-    )
-    metrics: str = field(
-        default="accuracy", metadata={"help": "Comma-separated metrics to report: accuracy, f1, matthews_correlation."}
-    )
-    max_length: int = field(default=128, metadata={"help": "Tokens per input after truncation."})
-    batch_size: int = field(default=64, metadata={"help": "Samples per forward."})
-    lambdas: list[float] | None = field(init=False, default=None)  # the parsed `lam_grid`
-    metric_names: list[str] = field(init=False, default_factory=list)  # the parsed `metrics`
-
-    def __post_init__(self):
-        path = Path(self.validation_file)
-        if not path.is_file():
-            raise ValueError(f"--validation_file {path} does not exist.")
-        if path.suffix.lower() not in (".csv", ".tsv", ".json", ".jsonl"):
-            raise ValueError(f"--validation_file {path} must be a csv, tsv, json or jsonl file.")
-        if not (isinstance(self.target_speedup, numbers.Real) and self.target_speedup >= 1):
-            raise ValueError(f"--target_speedup {self.target_speedup} must be a number >= 1.")
-        if self.lam is not None and self.lam_grid is not None:
-            raise ValueError("Give either --lam or --lam_grid, not both.")
-        if self.lam_grid is not None:
-            try:
-                self.lambdas = [float(value) for value in self.lam_grid.split(",") if value.strip()]
-            except ValueError as error:
-                raise ValueError(f"--lam_grid {self.lam_grid!r} must be comma-separated numbers, e.g. 0,1,2.") from error
-            if not self.lambdas:
-                raise ValueError("--lam_grid is empty; give comma-separated lambdas, e.g. 0,1,2.")
-        for value in self.lambdas or ([self.lam] if self.lam is not None else []):
-            check_exit_parameters(0.0, value)
-        if self.policy not in EXIT_POLICIES or self.policy == "oracle":
-            raise ValueError(f"--policy {self.policy!r} is unknown or cannot be calibrated; choose one of "
-                             f"{sorted(set(EXIT_POLICIES) - {'oracle'})}.")
-        if self.policy != "de3" and (self.lam is not None or self.lam_grid is not None):
-            raise ValueError("--lam and --lam_grid apply to --policy de3 only.")
-        self.metric_names = [name.strip() for name in self.metrics.split(",") if name.strip()] or ["accuracy"]
-        if self.max_length < 1 or self.batch_size < 1:
-            raise ValueError("--max_length and --batch_size must be positive integers.")
-
-
-def _encode_dataset(raw, tokenizer, model, args: CalibrationArguments):
-    columns = [args.text_column, args.text_pair_column, args.label_column]
-    missing = [name for name in columns if name is not None and name not in raw.column_names]
-    if missing:
-        raise ValueError(
-            f"Columns {missing} are not in {args.validation_file} (it has {raw.column_names}); "
-            "pass --text_column, --text_pair_column and --label_column."
-        )
-    label2id = model.config.label2id
-
-    def encode(batch):
-        encoded = tokenizer(batch[args.text_column], batch[args.text_pair_column] if args.text_pair_column else None,
-                            truncation=True, max_length=args.max_length)
-        labels = []
-        for value in batch[args.label_column]:
-            if isinstance(value, str):
-                if value not in label2id:
-                    raise ValueError(
-                        f"Label {value!r} is not one of the model's labels {sorted(label2id)} (config.label2id); "
-                        "use those names or class ids."
-                    )
-                value = label2id[value]
-            labels.append(value)
-        encoded["labels"] = labels
-        return encoded
-
-    return raw.map(encode, batched=True, remove_columns=raw.column_names, desc="Tokenizing")
-
-
-def _print_table(result: CalibrationResult, metric_names: list[str]) -> None:
-    extra = [name for name in metric_names if name != "accuracy"]
-    header = ["setting", "parameters", "layer speed-up", "FLOPs speed-up", "accuracy", *extra]
-    full = result.curve[0]  # the first setting of the curve lets no sample leave early
-    parameters = ", ".join(f"{name}={value:.6g}" for name, value in result.parameters.items())
-    rows = [
-        ["full model", "-", "1.00x", "1.00x", f"{result.full_accuracy:.4f}", *(f"{full.metrics[n]:.4f}" for n in extra)],
-        [f"{result.policy} @ {result.target_speedup:g}x", parameters, f"{result.speedup:.2f}x",
-         f"{result.flops_speedup:.2f}x", f"{result.accuracy:.4f}", *(f"{result.metrics[n]:.4f}" for n in extra)],
-    ]
-    widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
-    for index, line in enumerate([header, *rows]):
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
-
-
-def main(argv: list[str] | None = None) -> CalibrationResult:
-    """Command-line entry point: calibrate a saved DE3 model and save it with the chosen threshold and lambda."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
-
-    import de3_transformers  # noqa: F401  (registers the DE3 models with the Auto classes)
-
-    from .data import load_local_files
-
-    (args,) = HfArgumentParser(CalibrationArguments).parse_args_into_dataclasses(argv)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path)
-    if not hasattr(model, "prototype_memory"):
-        raise ValueError(
-            f"{args.model_name_or_path} is a {type(model).__name__}, not a DE3 model; fine-tune one first "
-            "(DE3BertForSequenceClassification.from_backbone(...) and DE3Trainer)."
-        )
-    if torch.cuda.is_available():
-        model.to("cuda")
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    raw = load_local_files(validation_file=args.validation_file)["validation"]
-    dataset = _encode_dataset(raw, tokenizer, model, args)
-
-    metric_fn = None
-    if args.metric_names != ["accuracy"]:
-        from .metrics import classification_metrics
-
-        metric_fn = classification_metrics(args.metric_names)
-    result = calibrate(model, dataset, target_speedup=args.target_speedup, lam=args.lam, lam_grid=args.lambdas,
-                       metric_fn=metric_fn, batch_size=args.batch_size, save=True, policy=args.policy)
-
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)  # its config now carries the calibrated threshold and lambda
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / "calibration.json").write_text(json.dumps(result.to_dict(), indent=2))
-    try:
-        grid_name = "lam" if "lam" in result.parameters else "patience"
-        labels = {key: result.policy if key is None else f"{result.policy}, {grid_name}={key:g}"
-                  for key in result.curves}
-        plot_tradeoff({labels[key]: curve for key, curve in result.curves.items()}, output_dir / "tradeoff.png",
-                      full_accuracy=result.full_accuracy, title=f"{result.policy}: accuracy against layer speed-up")
-    except ImportError as error:
-        logger.warning(f"tradeoff.png not written: {error}")
-    print(f"\nCalibrated on {len(dataset)} samples of {args.validation_file}; saved to {output_dir}:")
-    _print_table(result, args.metric_names)
-    return result
-
-
 __all__ = [
-    "CalibrationArguments",
     "CalibrationResult",
     "ExitSignals",
     "TradeoffPoint",
     "calibrate",
-    "candidate_thresholds",
     "collect_exit_signals",
-    "sweep_candidates",
     "evaluate_early_exit",
-    "plot_tradeoff",
+    "sweep_candidates",
     "tradeoff_curve",
 ]
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m de3_transformers.calibration
+    from .calibration_cli import main
+
     main(sys.argv[1:])

@@ -1,18 +1,26 @@
-"""Configurations of the DE3 early-exit classifiers (METHOD.md sections 1 and 2)."""
+"""Configurations of the DE3 early-exit classifiers (docs/method.md sections 1-5).
+
+The config only declares and validates: each concern has one `validate_*` method, which `@strict` runs after
+`__init__` and again in `save_pretrained`, so an invalid config is never written. No torch here: a checkpoint's config
+loads alone (`trust_remote_code`), and the choices it checks names against are plain tuples (`registry` for policies
+and objectives).
+"""
 
 import math
 import numbers
 from dataclasses import dataclass
 
+from huggingface_hub.dataclasses import strict
 from transformers import BertConfig, RobertaConfig
 
-from .losses import COSEE_SIGNALS
+from .registry import exit_policy_names, training_objective_names
 
 
 DISTANCES = ("cosine", "euclidean")
 DAR_TYPES = ("center", "alienation", "combined")
 EXIT_POOLINGS = ("first", "mean")
-TRAINING_OBJECTIVES = ("de3", "cosee", "mpee")
+# The exit signals COSEE can train with; `losses.COSEE_SIGNALS` maps each to its formula.
+COSEE_SIGNAL_NAMES = ("energy", "entropy", "max_prob")
 
 
 @dataclass(kw_only=True)
@@ -89,30 +97,30 @@ class DE3ConfigMixin:
             `tau` of MPEE's self-distillation (the paper does not give its value).
     """
 
-    exit_layers: list[int] | None = None
+    exit_layers: list[int] | tuple[int, ...] | None = None
     exit_pooling: str = "first"
     proto_dim: int | None = None
-    prototype_momentum: float = 0.5
+    prototype_momentum: float | int = 0.5
     distance: str = "cosine"
     dar_type: str = "center"
-    dar_alpha: float = 0.01
-    dar_beta: float = 1.0
-    early_exit_threshold: float = 0.2
-    early_exit_lambda: float = 1.0
+    dar_alpha: float | int = 0.01
+    dar_beta: float | int = 1.0
+    early_exit_threshold: float | int = 0.2
+    early_exit_lambda: float | int = 1.0
     early_exit_policy: str = "de3"
     early_exit_patience: int = 2
     learning_to_exit: bool = False
     training_objective: str = "de3"
     cosee_signal: str = "energy"
     cosee_num_thresholds: int = 5
-    cosee_beta: float = 10.0
-    cosee_alpha: float = 0.1
-    cosee_margin: float = 0.3
-    token_exit_ratio: float = 0.0
-    token_exit_layers: list[int] | None = None
-    class_attention_momentum: float = 0.5
-    exit_memory: float = 1.0
-    distillation_temperature: float = 1.0
+    cosee_beta: float | int = 10.0
+    cosee_alpha: float | int = 0.1
+    cosee_margin: float | int = 0.3
+    token_exit_ratio: float | int = 0.0
+    token_exit_layers: list[int] | tuple[int, ...] | None = None
+    class_attention_momentum: float | int = 0.5
+    exit_memory: float | int = 1.0
+    distillation_temperature: float | int = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -127,18 +135,25 @@ class DE3ConfigMixin:
             self.token_exit_layers = sorted(layer for layer in thirds if 1 <= layer < self.num_hidden_layers)
         else:
             self.token_exit_layers = [int(layer) for layer in self.token_exit_layers]
-        self.validate_de3()
+        # `@strict` runs the validators right after this, but reports a failure wrapped in
+        # `StrictDataclassClassValidationError`; running the DE3 ones first raises their ValueError itself.
+        for name, validator in vars(DE3ConfigMixin).items():
+            if name.startswith("validate_"):
+                validator(self)
 
     @property
     def num_exits(self) -> int:
         return len(self.exit_layers)
 
-    def validate_de3(self) -> None:
-        """Checks the DE3 fields.
+    @property
+    def token_exit(self) -> bool:
+        """Whether tokens exit (MPEE): `token_exit_ratio > 0` and some token-exit layer."""
+        return self.token_exit_ratio > 0 and bool(self.token_exit_layers)
 
-        Raises:
-            ValueError: naming the field, the value and the accepted range.
-        """
+    # Validators: each raises ValueError naming the field, the value and what is accepted.
+
+    def validate_classification(self) -> None:
+        """DE3 models are single-label classifiers with at least two classes."""
         if self.num_labels is None or self.num_labels < 2:
             raise ValueError(
                 f"num_labels={self.num_labels}: DE3 is a classification method (its exits compare class "
@@ -149,6 +164,9 @@ class DE3ConfigMixin:
                 f"problem_type={self.problem_type!r} is not supported: DE3 models are single-label classifiers. "
                 "Leave problem_type unset or use 'single_label_classification'."
             )
+
+    def validate_exits(self) -> None:
+        """Where the exits sit and what they read (docs/method.md section 1)."""
         layers, depth = self.exit_layers, self.num_hidden_layers
         if (
             not layers
@@ -161,45 +179,55 @@ class DE3ConfigMixin:
                 f"numbers in 1..{depth} ending with {depth} (the last layer always answers), or leave it unset "
                 "for an exit after every layer."
             )
+        if self.exit_pooling not in EXIT_POOLINGS:
+            raise ValueError(f"exit_pooling={self.exit_pooling!r} is unknown; choose one of {EXIT_POOLINGS}.")
+
+    def validate_prototypes(self) -> None:
+        """The prototypical networks, the prototypes and their distance (docs/method.md section 2)."""
         if self.proto_dim < 1:
             raise ValueError(f"proto_dim={self.proto_dim} must be a positive integer (or unset for hidden_size).")
         if not 0.0 < self.prototype_momentum <= 1.0:
             raise ValueError(f"prototype_momentum={self.prototype_momentum} must lie in (0, 1] (the paper uses 0.5).")
-        if self.exit_pooling not in EXIT_POOLINGS:
-            raise ValueError(f"exit_pooling={self.exit_pooling!r} is unknown; choose one of {EXIT_POOLINGS}.")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance={self.distance!r} is unknown; choose one of {DISTANCES}.")
+
+    def validate_dar(self) -> None:
+        """Distance-aware regularisation (docs/method.md section 2)."""
         if self.dar_type not in DAR_TYPES:
             raise ValueError(f"dar_type={self.dar_type!r} is unknown; choose one of {DAR_TYPES}.")
         for name in ("dar_alpha", "dar_beta"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} must be a finite number >= 0.")
+
+    def validate_exit_policy(self) -> None:
+        """The default exit policy of `predict_early` and its parameters (docs/method.md sections 2 and 3)."""
         check_exit_parameters(self.early_exit_threshold, self.early_exit_lambda)
         if isinstance(self.early_exit_patience, bool) or not isinstance(self.early_exit_patience, int) or (
             self.early_exit_patience < 0
         ):
             raise ValueError(f"early_exit_patience={self.early_exit_patience!r} must be an integer >= 0.")
-        self._validate_objectives()
-        from .exit_policies import EXIT_POLICIES  # here, not at the top: exit_policies imports this module
-
-        if self.early_exit_policy not in EXIT_POLICIES:
+        if self.early_exit_policy not in exit_policy_names():
             raise ValueError(
-                f"early_exit_policy={self.early_exit_policy!r} is unknown; choose one of {sorted(EXIT_POLICIES)} "
+                f"early_exit_policy={self.early_exit_policy!r} is unknown; choose one of {exit_policy_names()} "
                 "(or register your own with de3_transformers.exit_policies.register_exit_policy)."
             )
 
-
-    def _validate_objectives(self) -> None:
-        if self.training_objective not in TRAINING_OBJECTIVES:
+    def validate_training_objective(self) -> None:
+        """The training objective and COSEE's fields (docs/method.md section 4)."""
+        if self.training_objective not in training_objective_names():
             raise ValueError(
-                f"training_objective={self.training_objective!r} is unknown; choose one of {TRAINING_OBJECTIVES}."
+                f"training_objective={self.training_objective!r} is unknown; choose one of "
+                f"{training_objective_names()}."
             )
-        if self.cosee_signal not in COSEE_SIGNALS:
-            raise ValueError(f"cosee_signal={self.cosee_signal!r} is unknown; choose one of {sorted(COSEE_SIGNALS)}.")
+        if self.cosee_signal not in COSEE_SIGNAL_NAMES:
+            raise ValueError(f"cosee_signal={self.cosee_signal!r} is unknown; choose one of {list(COSEE_SIGNAL_NAMES)}.")
         check_number("cosee_num_thresholds", self.cosee_num_thresholds, low=1, integer=True)
         for name in ("cosee_beta", "cosee_alpha", "cosee_margin"):
             check_number(name, getattr(self, name), low=0.0)
+
+    def validate_token_exit(self) -> None:
+        """MPEE's token exit, exit classifier memory and self-distillation (docs/method.md section 5)."""
         check_number("distillation_temperature", self.distillation_temperature, low=0.0)
         if not self.distillation_temperature > 0:
             raise ValueError("distillation_temperature=0 is out of range: it must be > 0 (the paper's tau).")
@@ -220,11 +248,6 @@ class DE3ConfigMixin:
             check_number(name, value, low=0.0)
             if not 0 < value <= 1:
                 raise ValueError(f"{name}={value} must lie in (0, 1] (MPEE uses 0.5 for beta, 0.9 for lambda).")
-
-    @property
-    def token_exit(self) -> bool:
-        """Whether tokens exit (MPEE): `token_exit_ratio > 0` and some token-exit layer."""
-        return self.token_exit_ratio > 0 and bool(self.token_exit_layers)
 
 
 def check_number(name: str, value, low: float | None = None, integer: bool = False, hint: str = "") -> None:
@@ -254,6 +277,7 @@ def check_exit_parameters(threshold: float, lam: float) -> None:
             "lam 0 exits on entropy alone, the paper searches lam in [0, 10])"))
 
 
+@strict
 class DE3BertConfig(DE3ConfigMixin, BertConfig):
     r"""
     Configuration of [`DE3BertForSequenceClassification`]: a [`BertConfig`] plus the DE3 fields of
@@ -272,6 +296,7 @@ class DE3BertConfig(DE3ConfigMixin, BertConfig):
     model_type = "de3_bert"
 
 
+@strict
 class DE3RobertaConfig(DE3ConfigMixin, RobertaConfig):
     r"""
     Configuration of [`DE3RobertaForSequenceClassification`]: a [`RobertaConfig`] plus the DE3 fields of
@@ -281,4 +306,14 @@ class DE3RobertaConfig(DE3ConfigMixin, RobertaConfig):
     model_type = "de3_roberta"
 
 
-__all__ = ["DE3BertConfig", "DE3ConfigMixin", "DE3RobertaConfig", "check_exit_parameters", "check_number"]
+__all__ = [
+    "COSEE_SIGNAL_NAMES",
+    "DAR_TYPES",
+    "DISTANCES",
+    "DE3BertConfig",
+    "DE3ConfigMixin",
+    "DE3RobertaConfig",
+    "EXIT_POOLINGS",
+    "check_exit_parameters",
+    "check_number",
+]

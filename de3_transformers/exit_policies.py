@@ -27,12 +27,14 @@ register it with [`register_exit_policy`]:
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from .configuration_de3 import check_exit_parameters, check_number
+from .registry import EXIT_POLICIES
 from .signals import hybrid_indicator, max_probability, normalized_energy, normalized_entropy
 
 
@@ -326,9 +328,6 @@ class OraclePolicy(ExitPolicy):
         return []
 
 
-EXIT_POLICIES: dict[str, type[ExitPolicy]] = {}
-
-
 def register_exit_policy(policy_class: type[ExitPolicy]) -> type[ExitPolicy]:
     """Makes `policy_class` available by its `name` (in `predict_early`, calibration and the config).
 
@@ -366,6 +365,42 @@ def get_exit_policy(policy: "str | ExitPolicy", **parameters) -> ExitPolicy:
     return policy_class(**{key: value for key, value in parameters.items() if key in names and value is not None})
 
 
+def build_exit_policy(
+    config,
+    policy: "str | ExitPolicy | None" = None,
+    threshold: float | None = None,
+    lam: float | None = None,
+    patience: int | None = None,
+) -> ExitPolicy:
+    """The policy `predict_early` runs for a model with this config: an `ExitPolicy` as given, or one built by name
+    (default `config.early_exit_policy`) with the config's defaults for every parameter not given. The config's
+    calibrated threshold applies only to the policy it was calibrated for.
+
+    Raises:
+        ValueError: for an unknown name, a parameter out of range, parameters beside a policy object, or a policy
+            other than the configured one without its threshold.
+    """
+    if isinstance(policy, ExitPolicy):
+        if any(value is not None for value in (threshold, lam, patience)):
+            raise ValueError("Pass threshold/lam/patience either to predict_early or on the policy object, not both.")
+        return policy
+    name = config.early_exit_policy if policy is None else policy
+    if threshold is None:
+        if name == config.early_exit_policy:
+            threshold = config.early_exit_threshold
+        elif name in EXIT_POLICIES and "threshold" in EXIT_POLICIES[name].parameter_names():
+            raise ValueError(
+                f"policy={name!r} needs a threshold: this config was calibrated for policy "
+                f"{config.early_exit_policy!r}. Pass threshold=, or calibrate with policy={name!r}."
+            )
+    return get_exit_policy(
+        name,
+        threshold=threshold,
+        lam=config.early_exit_lambda if lam is None else lam,
+        patience=config.early_exit_patience if patience is None else patience,
+    )
+
+
 def simulate_first_exits(policy: ExitPolicy, views: list[ExitView]) -> torch.Tensor:
     """Index of the exit each sample leaves at, replaying `policy` on the `views` of the exits below the top (all
     samples of a full forward); `len(views)` (the top exit) for samples that never leave early.
@@ -389,8 +424,14 @@ class SimulatedExits:
     """What early exit would return, computed from a full forward."""
 
     logits: torch.Tensor  # [B, K], of the exit each sample left at
-    exit_layers: torch.Tensor  # [B], encoder layer (1..M) of that exit
+    sample_exit_layers: torch.Tensor  # [B], encoder layer (1..M) of that exit
     speedup: float  # METHOD.md eq. 12
+
+    @property
+    def exit_layers(self) -> torch.Tensor:
+        """Deprecated alias of `sample_exit_layers` (removed in 0.3)."""
+        warnings.warn("SimulatedExits.exit_layers is deprecated; use sample_exit_layers.", FutureWarning, stacklevel=2)
+        return self.sample_exit_layers
 
 
 def layer_speedup(exit_layers: torch.Tensor, num_layers: int) -> float:
@@ -450,22 +491,6 @@ def simulate_policy(
     return SimulatedExits(exit_logits[first, batch], layers, layer_speedup(layers, exit_layers[-1]))
 
 
-def simulate_early_exit(
-    exit_logits: torch.Tensor,
-    entropy: torch.Tensor,
-    ratio: torch.Tensor | None,
-    exit_layers: list[int],
-    threshold: float,
-    lam: float,
-) -> SimulatedExits:
-    """[`simulate_policy`] for the DE3 policy (EDR < `threshold`).
-
-    Raises:
-        ValueError: if `threshold` or `lam` is out of range, or `ratio` is `None` while `lam > 0`.
-    """
-    return simulate_policy(DE3Policy(threshold=threshold, lam=lam), exit_logits, exit_layers, entropy, ratio)
-
-
 __all__ = [
     "DE3Policy",
     "EXIT_POLICIES",
@@ -480,12 +505,12 @@ __all__ = [
     "PatientConfidentPolicy",
     "SimulatedExits",
     "ThresholdPolicy",
+    "build_exit_policy",
     "exit_views",
     "get_exit_policy",
     "layer_speedup",
     "register_exit_policy",
     "select_rows",
-    "simulate_early_exit",
     "simulate_first_exits",
     "simulate_policy",
 ]

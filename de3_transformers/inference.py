@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .calibration import _pad_rows, _progress
+from .batching import pad_rows, progress
 from .exit_policies import layer_speedup
-from .modeling_de3 import DE3EarlyExitOutput
+from .modeling_outputs import DE3EarlyExitOutput
 
 
 def predict_dataset(
@@ -39,7 +39,7 @@ def predict_dataset(
         **predict_kwargs: `policy`, `threshold`, `lam`, `patience` for `predict_early`.
 
     Returns:
-        [`DE3EarlyExitOutput`] with `logits` `[N, K]` and `exit_layers` `[N]` on the CPU, and the layer speed-up
+        [`DE3EarlyExitOutput`] with `logits` `[N, K]` and `sample_exit_layers` `[N]` on the CPU, and the layer speed-up
         over all samples.
 
     Raises:
@@ -59,16 +59,16 @@ def predict_dataset(
     order = torch.argsort(lengths, descending=True, stable=True) if sort_by_length else torch.arange(len(rows))
     logits, exit_layers = None, torch.empty(len(rows), dtype=torch.long)
     chunks = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-    for chunk in _progress(chunks, "Early-exit inference"):
+    for chunk in progress(chunks, "Early-exit inference"):
         length = int(lengths[chunk].max())
         if pad_to_multiple_of is not None:
             length = max(length, min(-(-length // pad_to_multiple_of) * pad_to_multiple_of, model.max_sequence_length))
-        batch = _pad_rows([rows[index] for index in chunk.tolist()], pad, length)
+        batch = pad_rows([rows[index] for index in chunk.tolist()], pad, length)
         result = model.predict_early(**{name: tensor.to(device) for name, tensor in batch.items()}, **predict_kwargs)
         if logits is None:
             logits = torch.empty(len(rows), result.logits.shape[-1], dtype=result.logits.dtype)
-        logits[chunk], exit_layers[chunk] = result.logits.cpu(), result.exit_layers.cpu()
-    return DE3EarlyExitOutput(logits=logits, exit_layers=exit_layers,
+        logits[chunk], exit_layers[chunk] = result.logits.cpu(), result.sample_exit_layers.cpu()
+    return DE3EarlyExitOutput(logits=logits, sample_exit_layers=exit_layers,
                               speedup=layer_speedup(exit_layers, model.config.num_hidden_layers))
 
 

@@ -62,9 +62,8 @@ def distance_aware_regularization(
 
 @dataclass
 class DE3LossParts:
-    """`loss = ce_loss + alpha * dar_loss`; each part is already weighted by exit depth (eq. 7)."""
+    """The two parts of the DE3 loss `ce_loss + dar_alpha * dar_loss`, each already weighted by exit depth (eq. 7)."""
 
-    loss: torch.Tensor
     ce_loss: torch.Tensor
     dar_loss: torch.Tensor
 
@@ -78,24 +77,24 @@ def per_exit_cross_entropy(exit_logits: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def layer_weighted_loss(
-    exit_logits: torch.Tensor, labels: torch.Tensor, dar: torch.Tensor, exit_layers: list[int], alpha: float
+    exit_logits: torch.Tensor, labels: torch.Tensor, dar: torch.Tensor, exit_layers: list[int]
 ) -> DE3LossParts:
-    """Total DE3 loss `sum_m m * L^(m) / sum_m m` with `L^(m) = CE^(m) + alpha * DAR^(m)` below the top and
-    `L^(M) = CE^(M)` (METHOD.md eqs. 5-7). `m` is the encoder layer the exit sits on.
+    """The parts of the DE3 loss `sum_m m * L^(m) / sum_m m` with `L^(m) = CE^(m) + alpha * DAR^(m)` below the top and
+    `L^(M) = CE^(M)` (METHOD.md eqs. 5-7), each weighted by depth: the total is `ce_loss + alpha * dar_loss`. `m` is
+    the encoder layer the exit sits on.
 
     Args:
         exit_logits: `[num_exits, B, K]`.
         labels: `[B]`.
         dar: `[num_exits - 1]`, from [`distance_aware_regularization`].
         exit_layers: the encoder layer of each exit.
-        alpha: weight of DAR.
     """
     cross_entropy = per_exit_cross_entropy(exit_logits, labels).mean(dim=-1)
     weights = torch.tensor(exit_layers, dtype=torch.float32, device=exit_logits.device)
     weights = weights / weights.sum()
     ce_loss = (weights * cross_entropy).sum()
     dar_loss = (weights[:-1] * dar).sum()
-    return DE3LossParts(loss=ce_loss + alpha * dar_loss, ce_loss=ce_loss, dar_loss=dar_loss)
+    return DE3LossParts(ce_loss=ce_loss, dar_loss=dar_loss)
 
 
 def learning_to_exit_loss(exit_scores: torch.Tensor, exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -115,7 +114,8 @@ def learning_to_exit_loss(exit_scores: torch.Tensor, exit_logits: torch.Tensor, 
 
 # COSEE (METHOD.md section 4, paper 002)
 
-# Signal name -> (function of the logits, whether a sample exits when the signal is *below* the threshold).
+# Signal name (`configuration_de3.COSEE_SIGNAL_NAMES`) -> (function of the logits, whether a sample exits when the
+# signal is *below* the threshold).
 COSEE_SIGNALS = {
     "energy": (normalized_energy, True),
     "entropy": (normalized_entropy, True),

@@ -13,10 +13,10 @@ class PrototypeMemory(nn.Module):
     bit by `from_pretrained`. They change only through [`update`], never by gradient.
     """
 
-    def __init__(self, num_memories: int, num_labels: int, proto_dim: int):
+    def __init__(self, num_exits: int, num_labels: int, proto_dim: int):
         super().__init__()
-        self.register_buffer("prototypes", torch.zeros(num_memories, num_labels, proto_dim))
-        self.register_buffer("initialized", torch.zeros(num_memories, num_labels, dtype=torch.bool))
+        self.register_buffer("prototypes", torch.zeros(num_exits, num_labels, proto_dim))
+        self.register_buffer("initialized", torch.zeros(num_exits, num_labels, dtype=torch.bool))
         # With `defer_updates` (set by `DE3Trainer` for the length of training), batches only add their statistics
         # here and `apply_pending` updates once per optimizer step. Plain attributes, not buffers: never saved, and
         # never broadcast by DDP.
@@ -53,6 +53,10 @@ class PrototypeMemory(nn.Module):
             self._pending = None
             self.update(sums, counts, momentum)
 
+    def discard_pending(self) -> None:
+        """Drops the statistics held for an optimizer step that will not be taken (training stopped or failed)."""
+        self._pending = None
+
     @torch.no_grad()
     def update(self, class_sums: torch.Tensor, class_counts: torch.Tensor, momentum: float) -> None:
         """`cp_k <- (1 - gamma) cp_k + gamma c_k` with `c_k` the class mean of the batch (METHOD.md eq. 1).
@@ -75,8 +79,27 @@ class PrototypeMemory(nn.Module):
         self.initialized |= present[None, :]
 
     def uninitialized_pairs(self) -> list[tuple[int, int]]:
-        """`(memory index, class)` pairs that no training batch has set yet."""
+        """`(exit index, class)` pairs that no training batch has set yet."""
         return [tuple(pair) for pair in (~self.initialized).nonzero().tolist()]
+
+    def require_initialized(self, exit_layers: list[int]) -> None:
+        """Checks that every prototype was set by training, before anything reads the distance ratio.
+
+        Args:
+            exit_layers: the encoder layer of each exit (`config.exit_layers`), to name the missing pairs.
+
+        Raises:
+            RuntimeError: naming the (layer, class) pairs that were never set, and how to set them.
+        """
+        missing = self.uninitialized_pairs()
+        if missing:
+            described = ", ".join(f"(layer {exit_layers[m]}, class {k})" for m, k in missing[:6])
+            raise RuntimeError(
+                f"Prototypes are not initialised for {len(missing)} (exit, class) pairs: {described}"
+                f"{', ...' if len(missing) > 6 else ''}. Fine-tune the model first (DE3 training sets them from "
+                "labelled batches in train mode: Trainer, or model.train(); model(**batch, labels=labels)), "
+                "or exit on entropy alone with lam=0."
+            )
 
 
 __all__ = ["PrototypeMemory"]

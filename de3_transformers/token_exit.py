@@ -1,5 +1,6 @@
-"""MPEE's token (horizontal) exit (METHOD.md section 5, paper 004 eqs. 5-8): class attention, its memory across
-layers, and the pruning of the less informative tokens into one fusion token.
+"""MPEE's token (horizontal) exit (METHOD.md section 5, paper 004 eqs. 5-8): class attention, the token importance
+it accumulates across layers (the paper's class-attention memory `A_m`), and the pruning of the less important
+tokens into one fusion token.
 
 Layout of a pruned sequence: `[first token; kept tokens (padded per batch); fusion token]`. Each sample keeps its
 own tokens, so the kept slots are padded to the batch's largest count and masked; the token mask (2D, 1 = attended)
@@ -37,11 +38,12 @@ def class_attention(self_attention: nn.Module, hidden: torch.Tensor, token_mask:
     return scores.softmax(dim=-1).mean(dim=1)
 
 
-def update_memory(memory: torch.Tensor | None, value: torch.Tensor, momentum: float) -> torch.Tensor:
-    """`(1 - momentum) memory + momentum value` (paper 004 eqs. 6 and 10); the first value starts the memory."""
-    if memory is None or momentum == 1:
+def running_average(previous: torch.Tensor | None, value: torch.Tensor, momentum: float) -> torch.Tensor:
+    """`(1 - momentum) previous + momentum value` (paper 004 eqs. 6 and 10): the token importance across layers and
+    the carried exit logits across exits. The first value starts the average."""
+    if previous is None or momentum == 1:
         return value
-    return (1 - momentum) * memory + momentum * value
+    return (1 - momentum) * previous + momentum * value
 
 
 def kept_counts(candidates: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -51,23 +53,22 @@ def kept_counts(candidates: torch.Tensor, ratio: float) -> torch.Tensor:
 
 @dataclass
 class PrunedTokens:
-    """The sequence after a token exit, and which original slots were kept (for tests and analysis)."""
+    """The sequence after a token exit."""
 
     hidden: torch.Tensor  # [B, T', H]
     token_mask: torch.Tensor  # [B, T'] long, 1 for real slots
-    memory: torch.Tensor  # [B, T'] class-attention memory of each slot
-    kept: torch.Tensor  # [B, T'] index into the previous slots of each new slot (the fusion slot: -1)
+    importance: torch.Tensor  # [B, T'] token importance (class-attention memory) of each slot
 
 
 def prune_tokens(
     hidden: torch.Tensor,
     token_mask: torch.Tensor,
-    memory: torch.Tensor,
+    importance: torch.Tensor,
     attention: torch.Tensor,
     ratio: float,
     has_fusion: bool,
 ) -> PrunedTokens:
-    """Keeps, per sample, the first token and the `floor(N (1 - ratio))` candidates with the highest memory score,
+    """Keeps, per sample, the first token and the `floor(N (1 - ratio))` candidates of the highest importance,
     and fuses the others (and the previous fusion token, if any) into one fusion token: their class-attention-
     weighted mean, weights renormalised over the fused tokens so the fusion token has the scale of a token (the paper
     writes `sum_i alpha_i h_i` and leaves the normalisation open).
@@ -75,7 +76,7 @@ def prune_tokens(
     Args:
         hidden: `[B, T, H]`, the layer's output.
         token_mask: `[B, T]`, nonzero for real slots.
-        memory: `[B, T]`, class-attention memory `A_m` after this layer.
+        importance: `[B, T]`, the token importance (class-attention memory `A_m`) after this layer.
         attention: `[B, T]`, this layer's class attention `A_class` (the fusion weights).
         ratio: `R_ee` in [0, 1).
         has_fusion: whether the last slot is already a fusion token (it is then fused again, never kept).
@@ -90,8 +91,8 @@ def prune_tokens(
     if has_fusion:
         candidates = candidates & (positions < length - 1)
     keep = kept_counts(candidates.sum(dim=1), ratio)  # [B]
-    # Rank the candidates by memory (others last); the `keep` best of each row stay, in their original order.
-    order = memory.float().masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    # Rank the candidates by importance (others last); the `keep` best of each row stay, in their original order.
+    order = importance.float().masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, -1))
     kept_mask = candidates & (rank < keep[:, None])
     width = int(keep.max())  # the one host synchronisation of a token exit
@@ -107,10 +108,9 @@ def prune_tokens(
     gather = slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     new_hidden = torch.cat([hidden[:, :1], hidden.gather(1, gather), fusion[:, None]], dim=1)
     new_mask = torch.cat([token_mask[:, :1].long(), slot_real.long(), fusion_real.long()[:, None]], dim=1)
-    fused_memory = (memory * fused).sum(dim=1, keepdim=True)
-    new_memory = torch.cat([memory[:, :1], memory.gather(1, slots), fused_memory], dim=1)
-    kept = torch.cat([torch.zeros_like(slots[:, :1]), slots, torch.full_like(slots[:, :1], -1)], dim=1)
-    return PrunedTokens(new_hidden, new_mask, new_memory, kept)
+    fused_importance = (importance * fused).sum(dim=1, keepdim=True)
+    new_importance = torch.cat([importance[:, :1], importance.gather(1, slots), fused_importance], dim=1)
+    return PrunedTokens(new_hidden, new_mask, new_importance)
 
 
 def token_lengths(lengths: torch.Tensor, ratio: float, token_exit_layers, num_layers: int) -> torch.Tensor:
@@ -133,4 +133,4 @@ def token_lengths(lengths: torch.Tensor, ratio: float, token_exit_layers, num_la
     return torch.stack(per_layer)
 
 
-__all__ = ["PrunedTokens", "class_attention", "kept_counts", "prune_tokens", "token_lengths", "update_memory"]
+__all__ = ["PrunedTokens", "class_attention", "kept_counts", "prune_tokens", "running_average", "token_lengths"]

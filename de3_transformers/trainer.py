@@ -1,8 +1,9 @@
 """`DE3Trainer`: the stock `transformers.Trainer` with the DE3 objective's bookkeeping (METHOD.md section 2).
 
-The loss itself comes from the model's forward (cross-entropy at every exit plus `dar_alpha` times DAR, weighted by
-depth). The trainer adds what a `Trainer` cannot know about:
-- with `training_objective="cosee"`, COSEE's progress and signal range are kept current ([`COSEECallback`]);
+The loss itself comes from the model's forward (its training objective's loss plus `dar_alpha` times DAR). The
+trainer adds what a `Trainer` cannot know about:
+- the callbacks of the model's training objective (`objectives`), such as COSEE's, which keep its progress and
+  signal range current;
 - prototypes are updated once per optimizer step, from the class statistics of every micro-batch of the step
   (gradient accumulation) and of every process (all-reduced under DDP);
 - the loss parts and the accuracy of every exit are logged to the usual loggers;
@@ -19,13 +20,10 @@ from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArgum
 from transformers.utils import logging
 
 from .configuration_de3 import check_exit_parameters
-from .exit_policies import simulate_policy
+from .exit_policies import build_exit_policy, simulate_policy
 
 
 logger = logging.get_logger(__name__)
-
-# Per-batch scalars the evaluation loop must not try to concatenate as predictions.
-_NOT_PREDICTIONS = ["ce_loss", "dar_loss", "lte_loss", "osc_loss", "kd_loss", "hidden_states"]
 
 
 @dataclass
@@ -71,27 +69,6 @@ class PrototypeUpdateCallback(TrainerCallback):
         model.prototype_memory.defer_updates = False
 
 
-class COSEECallback(TrainerCallback):
-    """Keeps a COSEE model's training state current (METHOD.md section 4): the progress `t / T` that warms up
-    `beta_t`, and at the end of each epoch the exit-signal range the next epoch draws its thresholds from, merged over
-    every process under DDP so that all of them draw from the same range."""
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        model.cosee_state.progress = state.global_step / max(state.max_steps, 1)
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        model.cosee_state.end_epoch(reduce_max=_all_reduce_max)
-
-
-def _all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    # As `PrototypeMemory.update` does: the tensor lives on the model's device, the one the process group uses.
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
-
-
 class DE3Trainer(Trainer):
     """A [`Trainer`] for DE3 models ([`DE3BertForSequenceClassification`], [`DE3RobertaForSequenceClassification`]).
 
@@ -122,13 +99,16 @@ class DE3Trainer(Trainer):
             )
         self.task_metrics = compute_metrics
         self.add_callback(PrototypeUpdateCallback())
-        if getattr(self.model, "cosee_state", None) is not None:
-            self.add_callback(COSEECallback())
+        de3_model = self.accelerator.unwrap_model(self.model)
+        for callback in de3_model.objective.callbacks():
+            self.add_callback(callback)
+        # Per-batch scalars (loss parts) the evaluation loop must not try to concatenate as predictions.
+        self._not_predictions = [*de3_model.loss_part_names, "hidden_states"]
         self._running_parts: dict[str, torch.Tensor] = {}
         self._running_batches = 0
 
     def create_model_card(self, *args, **kwargs) -> None:
-        """Keeps a DE3 model card already in `output_dir` (see `de3_transformers.model_cards`), which carries the
+        """Keeps a DE3 model card already in `output_dir` (see `de3_transformers.model_card`), which carries the
         calibrated exit settings and trade-off table; otherwise writes the `Trainer`'s draft card."""
         card = Path(self.args.output_dir) / "README.md"
         if card.is_file() and "de3-transformers" in card.read_text(encoding="utf-8"):
@@ -143,7 +123,8 @@ class DE3Trainer(Trainer):
         try:
             return super().train(*args, **kwargs)
         finally:  # also when training fails: later forwards must update prototypes again, without stale statistics
-            memory.defer_updates, memory._pending = False, None
+            memory.defer_updates = False
+            memory.discard_pending()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**{**inputs, "output_exit_signals": True})
@@ -153,12 +134,10 @@ class DE3Trainer(Trainer):
 
     @torch.no_grad()
     def _accumulate_parts(self, outputs, labels) -> None:
-        exit_layers = self.accelerator.unwrap_model(self.model).config.exit_layers
+        model = self.accelerator.unwrap_model(self.model)
         correct = (outputs.exit_logits.argmax(-1) == labels.view(1, -1)).float().mean(dim=1)
-        parts = {"ce_loss": outputs.ce_loss, "dar_loss": outputs.dar_loss}
-        for name in ("lte_loss", "osc_loss", "kd_loss"):
-            if getattr(outputs, name) is not None:
-                parts[name] = getattr(outputs, name)
+        parts = {name: getattr(outputs, name) for name in model.loss_part_names}
+        exit_layers = model.config.exit_layers
         parts.update({f"exit_{layer}_accuracy": correct[index] for index, layer in enumerate(exit_layers)})
         for name, value in parts.items():
             self._running_parts[name] = self._running_parts.get(name, 0.0) + value.detach().float()
@@ -177,7 +156,7 @@ class DE3Trainer(Trainer):
     # Evaluation
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        ignore_keys = _NOT_PREDICTIONS + list(ignore_keys or [])
+        ignore_keys = self._not_predictions + list(ignore_keys or [])
         loss, predictions, labels = super().prediction_step(
             model, {**inputs, "output_exit_signals": True}, prediction_loss_only, ignore_keys=ignore_keys
         )
@@ -203,8 +182,8 @@ class DE3Trainer(Trainer):
         scores = signals[-1] if config.learning_to_exit else None
         for index, layer in enumerate(config.exit_layers):
             metrics[f"exit_{layer}_accuracy"] = _accuracy(exit_logits[index], labels)
-        policy = model._exit_policy(None, getattr(self.args, "eval_threshold", None),
-                                    getattr(self.args, "eval_lambda", None), None)
+        policy = build_exit_policy(config, threshold=getattr(self.args, "eval_threshold", None),
+                                   lam=getattr(self.args, "eval_lambda", None))
         if ratio is None and policy.needs_distance_ratio:
             logger.warning("Early-exit metrics skipped: some prototypes are not initialised yet (train first).")
             return metrics
@@ -225,4 +204,4 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.mean((logits.argmax(-1) == labels).numpy()))
 
 
-__all__ = ["COSEECallback", "DE3Trainer", "DE3TrainingArguments", "PrototypeUpdateCallback"]
+__all__ = ["DE3Trainer", "DE3TrainingArguments", "PrototypeUpdateCallback"]

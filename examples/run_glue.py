@@ -40,10 +40,12 @@ from de3_transformers import (
     DE3Trainer,
     DE3TrainingArguments,
 )
-from de3_transformers.calibration import calibrate, collect_exit_signals, evaluate_early_exit, plot_tradeoff
+from de3_transformers.calibration import calibrate
+from de3_transformers.evaluation import collect_exit_signals, evaluate_early_exit
+from de3_transformers.plots import plot_tradeoff
 from de3_transformers.data import GLUE_TASKS, load_glue_task, load_local_files, load_vader_movie_reviews
 from de3_transformers.metrics import classification_metrics, trainer_metrics
-from de3_transformers.model_cards import write_model_card
+from de3_transformers.model_card import write_model_card
 
 
 logger = logging.getLogger(__name__)

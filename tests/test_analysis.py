@@ -13,7 +13,7 @@ from de3_transformers.analysis import (
     policy_curves,
     signal_rank_correlation,
 )
-from de3_transformers.calibration import ExitSignals, collect_exit_signals
+from de3_transformers.evaluation import ExitSignals, collect_exit_signals
 from de3_transformers.exit_policies import get_exit_policy, simulate_first_exits
 
 from conftest import mixed_length_batch, tiny_model, train_prototypes

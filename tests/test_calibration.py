@@ -7,17 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from de3_transformers import DE3BertForSequenceClassification, simulate_early_exit
-from de3_transformers.calibration import (
-    ExitSignals,
-    calibrate,
-    candidate_thresholds,
-    collect_exit_signals,
-    evaluate_early_exit,
-    main,
-    plot_tradeoff,
-    tradeoff_curve,
-)
+from de3_transformers import DE3BertForSequenceClassification, get_exit_policy, simulate_policy
+from de3_transformers.calibration import calibrate, sweep_candidates, tradeoff_curve
+from de3_transformers.calibration_cli import main
+from de3_transformers.evaluation import ExitSignals, collect_exit_signals, evaluate_early_exit
+from de3_transformers.plots import plot_tradeoff
 from de3_transformers.signals import hybrid_indicator
 
 from conftest import mixed_length_batch, tiny_model, train_prototypes
@@ -159,16 +153,16 @@ def test_untrained_prototypes_give_no_distance_ratio_but_entropy_calibrates():
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0, 3.0])
-def test_curve_equals_simulate_early_exit(calibration_setup, lam):
+def test_curve_equals_the_simulated_de3_policy(calibration_setup, lam):
     model, _, _, labels, rows = calibration_setup
     signals = collect_exit_signals(model, rows)
     edr = hybrid_indicator(signals.entropy, signals.distance_ratio, lam).flatten()
     # Candidates, thresholds exactly on EDR values (the strict rule's boundary) and thresholds in between.
-    thresholds = candidate_thresholds(signals, lam)[::5] + edr[::7].tolist()
+    thresholds = sweep_candidates(signals, "de3", lam=lam)[::5] + edr[::7].tolist()
     thresholds += torch.quantile(edr, torch.tensor([0.1, 0.5, 0.9])).tolist() + [1.5]
     for point in tradeoff_curve(signals, lam, thresholds=thresholds):
-        simulated = simulate_early_exit(signals.exit_logits, signals.entropy, signals.distance_ratio,
-                                        signals.exit_layers, point.threshold, lam)
+        simulated = simulate_policy(get_exit_policy("de3", threshold=point.threshold, lam=lam), signals.exit_logits,
+                                    signals.exit_layers, signals.entropy, signals.distance_ratio)
         assert point.speedup == simulated.speedup
         assert point.accuracy == (simulated.logits.argmax(-1) == labels).double().mean().item()
 
@@ -186,8 +180,8 @@ def test_curve_speedup_rises_with_the_threshold_from_1x_to_the_first_exit(calibr
 def test_many_candidates_are_thinned_keeping_both_ends(calibration_setup):
     model, *_, rows = calibration_setup
     signals = collect_exit_signals(model, rows)
-    every = candidate_thresholds(signals, 1.0)
-    thinned = candidate_thresholds(signals, 1.0, max_points=10)
+    every = sweep_candidates(signals, "de3", lam=1.0)
+    thinned = sweep_candidates(signals, "de3", max_points=10, lam=1.0)
     assert len(every) > 10 and len(thinned) == 10 and set(thinned) <= set(every)
     assert (thinned[0], thinned[-1]) == (every[0], every[-1])
 
@@ -207,7 +201,7 @@ def test_chosen_threshold_replayed_through_predict_early_gives_the_same_speedup_
     replay = model.predict_early(input_ids, attention_mask, threshold=result.threshold, lam=result.lam)
     assert replay.speedup == result.speedup
     assert (replay.logits.argmax(-1) == labels).double().mean().item() == result.accuracy
-    assert len(set(replay.exit_layers.tolist())) >= 2  # the compact path really dropped samples on the way
+    assert len(set(replay.sample_exit_layers.tolist())) >= 2  # the compact path really dropped samples on the way
 
 
 def test_evaluate_early_exit_measures_the_calibrated_setting(calibration_setup):
@@ -225,7 +219,7 @@ def test_calibrated_values_are_saved_in_the_config_and_used_by_default(calibrati
     assert (model.config.early_exit_threshold, model.config.early_exit_lambda) == (result.threshold, 2.0)
     by_default = model.predict_early(input_ids, attention_mask)
     explicit = model.predict_early(input_ids, attention_mask, threshold=result.threshold, lam=2.0)
-    assert torch.equal(by_default.exit_layers, explicit.exit_layers) and by_default.speedup == result.speedup
+    assert torch.equal(by_default.sample_exit_layers, explicit.sample_exit_layers) and by_default.speedup == result.speedup
 
 
 def test_save_false_leaves_the_config_alone_and_lam_defaults_to_the_config(calibration_setup):
@@ -426,7 +420,7 @@ def test_thinned_curves_still_give_the_smallest_threshold_reaching_the_target():
                           labels=torch.randint(0, 2, (3000,), generator=generator), exit_layers=[1, 2, 3, 4],
                           num_layers=4)
     full_curve = tradeoff_curve(signals, 0.0, max_points=10**6)
-    assert len(candidate_thresholds(signals, 0.0)) < len(full_curve)  # the default curve is thinned
+    assert len(sweep_candidates(signals, "de3", lam=0.0)) < len(full_curve)  # the default curve is thinned
     for target in (1.3, 1.7, 2.2, 3.1):
         expected = next(point for point in full_curve if point.speedup >= target)
         result = calibrate(tiny_model(num_labels=2), None, target_speedup=target, lam=0.0, signals=signals, save=False)

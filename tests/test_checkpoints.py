@@ -15,7 +15,7 @@ from transformers.testing_utils import CaptureLogger
 
 import de3_transformers
 from de3_transformers import DE3BertConfig, DE3BertForSequenceClassification, DE3RobertaForSequenceClassification
-from de3_transformers.modeling_de3 import logger as modeling_logger
+from de3_transformers.checkpoints import logger as modeling_logger
 
 from conftest import BACKBONES, mixed_length_batch, tiny_model, train_prototypes
 
@@ -41,7 +41,7 @@ def test_reloaded_model_predicts_the_same(trained_model, tmp_path):
     after = AutoModelForSequenceClassification.from_pretrained(tmp_path).predict_early(
         input_ids, attention_mask, threshold=0.5
     )
-    assert torch.equal(before.exit_layers, after.exit_layers) and torch.equal(before.logits, after.logits)
+    assert torch.equal(before.sample_exit_layers, after.sample_exit_layers) and torch.equal(before.logits, after.logits)
 
 
 @pytest.mark.parametrize("auto_class", [AutoModel, AutoModelForSequenceClassification])
@@ -79,7 +79,7 @@ def test_checkpoint_loads_with_trust_remote_code_without_the_package(trained_mod
         assert "de3_transformers" not in sys.modules
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         result = model.predict_early(inputs["input_ids"], inputs["attention_mask"], threshold=0.5)
-        torch.save({{"logits": result.logits, "exit_layers": result.exit_layers}}, {str(tmp_path / "out.pt")!r})
+        torch.save({{"logits": result.logits, "exit_layers": result.sample_exit_layers}}, {str(tmp_path / "out.pt")!r})
         print(type(model).__module__)
     """)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
@@ -87,7 +87,7 @@ def test_checkpoint_loads_with_trust_remote_code_without_the_package(trained_mod
     assert run.returncode == 0, run.stderr[-3000:]
     assert "transformers_modules" in run.stdout
     remote = torch.load(tmp_path / "out.pt")
-    assert torch.equal(remote["exit_layers"], expected.exit_layers)
+    assert torch.equal(remote["exit_layers"], expected.sample_exit_layers)
     assert torch.equal(remote["logits"], expected.logits)
 
 
@@ -137,7 +137,7 @@ def test_real_minilm_runs_early_exit_on_tokenized_text(minilm_path):
     result = model.predict_early(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], threshold=0.0)
     with torch.no_grad():
         full = model.eval()(**batch)
-    assert torch.equal(result.logits, full.logits) and result.exit_layers.tolist() == [6] * 4
+    assert torch.equal(result.logits, full.logits) and result.sample_exit_layers.tolist() == [6] * 4
 
 
 def test_stock_trainer_trains_the_model_and_sets_prototypes(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from de3_transformers import calibrate
-from de3_transformers.calibration import collect_exit_signals, tradeoff_curve
+from de3_transformers.calibration import tradeoff_curve
+from de3_transformers.evaluation import collect_exit_signals
 from de3_transformers.exit_policies import (
     EXIT_POLICIES,
     ExitView,
@@ -170,9 +171,9 @@ def test_every_policy_agrees_with_its_replay_on_a_full_forward(lte_model, name):
         result = lte_model.predict_early(input_ids, attention_mask, policy=policy, labels=labels)
         simulated = simulate_policy(policy, full.exit_logits, lte_model.config.exit_layers, full.entropy,
                                     full.distance_ratio, full.exit_scores, labels)
-        assert result.exit_layers.tolist() == simulated.exit_layers.tolist()
+        assert result.sample_exit_layers.tolist() == simulated.sample_exit_layers.tolist()
         torch.testing.assert_close(result.logits, simulated.logits, atol=1e-5, rtol=0)
-        seen.update(result.exit_layers.tolist())
+        seen.update(result.sample_exit_layers.tolist())
     assert name == "oracle" or len(seen) >= 2  # samples left at different exits: compaction was exercised
 
 
@@ -183,11 +184,11 @@ def test_stateful_policy_state_follows_the_samples_through_compaction():
     batched = model.predict_early(input_ids, attention_mask, policy="patience", patience=1)
     order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
     shuffled = model.predict_early(input_ids[order], attention_mask[order], policy="patience", patience=1)
-    assert shuffled.exit_layers.tolist() == batched.exit_layers[order].tolist()
+    assert shuffled.sample_exit_layers.tolist() == batched.sample_exit_layers[order].tolist()
     for row in range(10):
         alone = model.predict_early(input_ids[row : row + 1], attention_mask[row : row + 1], policy="patience",
                                     patience=1)
-        assert alone.exit_layers.item() == batched.exit_layers[row].item()
+        assert alone.sample_exit_layers.item() == batched.sample_exit_layers[row].item()
 
 
 def test_policy_choice_errors_name_the_fix(trained_model):
@@ -312,7 +313,7 @@ def test_learning_to_exit_heads_train_without_touching_the_backbone(lte_model):
     output.lte_loss.requires_grad_(False)
     assert output.exit_scores.shape == (3, 6) and ((output.exit_scores >= 0) & (output.exit_scores <= 1)).all()
     lte_model.zero_grad()
-    scores = torch.stack([lte_model._exit(index, hidden, attention_mask)[2] for index, hidden in
+    scores = torch.stack([lte_model.exit_head(index, hidden, attention_mask).scores for index, hidden in
                           enumerate(lte_model(input_ids=input_ids, attention_mask=attention_mask,
                                               output_hidden_states=True).hidden_states[1:4])])
     learning_to_exit_loss(scores, output.exit_logits.detach(), torch.arange(6) % 3).backward()

@@ -27,7 +27,7 @@ def test_gpu_early_exit_matches_the_replay_in_half_precision(dtype, name, parame
                                 full.exit_scores)
     assert result.logits.device.type == "cuda" and torch.isfinite(result.logits).all()
     # Half precision: a sample on the very boundary of the rule may flip between batch shapes; nearly all agree.
-    agree = (result.exit_layers == simulated.exit_layers).double().mean().item()
+    agree = (result.sample_exit_layers == simulated.sample_exit_layers).double().mean().item()
     assert agree >= 0.95
 
 
@@ -37,10 +37,10 @@ def test_gpu_float32_matches_the_cpu():
     on_cpu = model.predict_early(input_ids, attention_mask, threshold=0.5)
     model.cuda()
     on_gpu = model.predict_early(input_ids.cuda(), attention_mask.cuda(), threshold=0.5)
-    assert on_gpu.exit_layers.cpu().tolist() == on_cpu.exit_layers.tolist()
+    assert on_gpu.sample_exit_layers.cpu().tolist() == on_cpu.sample_exit_layers.tolist()
     torch.testing.assert_close(on_gpu.logits.cpu(), on_cpu.logits, atol=1e-4, rtol=0)
     rows = [{"input_ids": ids[mask.bool()].tolist()} for ids, mask in zip(input_ids, attention_mask)]
-    assert predict_dataset(model, rows, batch_size=8, threshold=0.5).exit_layers.tolist() == on_cpu.exit_layers.tolist()
+    assert predict_dataset(model, rows, batch_size=8, threshold=0.5).sample_exit_layers.tolist() == on_cpu.sample_exit_layers.tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -54,4 +54,4 @@ def test_gpu_token_exit_matches_the_replay(dtype):
     result = model.predict_early(input_ids, attention_mask, policy=policy)
     simulated = simulate_policy(policy, full.exit_logits, model.config.exit_layers, full.entropy)
     assert torch.isfinite(result.logits).all()
-    assert (result.exit_layers == simulated.exit_layers).double().mean().item() >= 0.95
+    assert (result.sample_exit_layers == simulated.sample_exit_layers).double().mean().item() >= 0.95

@@ -23,15 +23,15 @@ def test_results_come_back_in_input_order_and_match_single_runs(rows_and_model):
                          for row in rows], dim=1)
     threshold = float(edr.median())
     result = predict_dataset(model, rows, batch_size=4, threshold=threshold, lam=0.0)
-    assert result.logits.shape == (21, 3) and len(set(result.exit_layers.tolist())) >= 2
+    assert result.logits.shape == (21, 3) and len(set(result.sample_exit_layers.tolist())) >= 2
     for index, row in enumerate(rows):
         alone = model.predict_early(torch.tensor([row["input_ids"]]), threshold=threshold, lam=0.0)
-        assert alone.exit_layers.item() == result.exit_layers[index].item()
+        assert alone.sample_exit_layers.item() == result.sample_exit_layers[index].item()
         torch.testing.assert_close(alone.logits[0], result.logits[index], atol=1e-5, rtol=0)
     unsorted = predict_dataset(model, rows, batch_size=4, sort_by_length=False, pad_to_multiple_of=None,
                                threshold=threshold, lam=0.0)
-    assert unsorted.exit_layers.tolist() == result.exit_layers.tolist()
-    assert result.speedup == pytest.approx(4 * 21 / result.exit_layers.sum().item())
+    assert unsorted.sample_exit_layers.tolist() == result.sample_exit_layers.tolist()
+    assert result.speedup == pytest.approx(4 * 21 / result.sample_exit_layers.sum().item())
 
 
 def test_padding_is_a_multiple_and_stays_within_the_positions(rows_and_model):

@@ -63,9 +63,10 @@ def test_layer_weighted_loss_hand_case():
     labels = torch.tensor([0])
     ce = [math.log(2.0), -math.log(0.75), -math.log(0.25)]
     dar_values = torch.tensor([0.5, 0.25])
-    parts = layer_weighted_loss(exit_logits, labels, dar_values, [1, 2, 4], alpha=0.1)
+    parts = layer_weighted_loss(exit_logits, labels, dar_values, [1, 2, 4])
+    # eqs. 5-7 with alpha 0.1: the total the model forms from the two parts
     expected = (1 * (ce[0] + 0.1 * 0.5) + 2 * (ce[1] + 0.1 * 0.25) + 4 * ce[2]) / 7
-    assert parts.loss.item() == pytest.approx(expected)
+    assert (parts.ce_loss + 0.1 * parts.dar_loss).item() == pytest.approx(expected)
     assert parts.ce_loss.item() == pytest.approx((ce[0] + 2 * ce[1] + 4 * ce[2]) / 7)
     assert parts.dar_loss.item() == pytest.approx((0.5 + 2 * 0.25) / 7)
 

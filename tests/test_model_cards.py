@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard
 from transformers import BertConfig
 
 from conftest import TINY, tiny_model
-from de3_transformers.model_cards import build_model_card, write_model_card
+from de3_transformers.model_card import build_model_card, write_model_card
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from de3_transformers import simulate_early_exit
+from de3_transformers import get_exit_policy, simulate_policy
 
 from conftest import mixed_length_batch, tiny_model, train_prototypes
 
@@ -38,7 +38,7 @@ def test_sparse_exit_layers_give_one_exit_per_listed_layer(backbone):
     assert output.exit_logits.shape == (2, 5, 3) and output.distance_ratio.shape == (1, 5)
     assert model.prototype_memory.prototypes.shape == (1, 3, 32)
     result = model.predict_early(input_ids, attention_mask, threshold=2.0)
-    assert result.exit_layers.tolist() == [2] * 5 and result.speedup == pytest.approx(2.0)
+    assert result.sample_exit_layers.tolist() == [2] * 5 and result.speedup == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0, 3.0])
@@ -48,12 +48,12 @@ def test_compact_batch_matches_simulation_from_a_full_forward(trained_model, lam
     seen_layers = set()
     for threshold in spread_thresholds(full, lam):
         result = trained_model.predict_early(input_ids, attention_mask, threshold=threshold, lam=lam)
-        simulated = simulate_early_exit(full.exit_logits, full.entropy, full.distance_ratio,
-                                        trained_model.config.exit_layers, threshold, lam)
-        assert result.exit_layers.tolist() == simulated.exit_layers.tolist()
+        simulated = simulate_policy(get_exit_policy("de3", threshold=threshold, lam=lam), full.exit_logits,
+                                    trained_model.config.exit_layers, full.entropy, full.distance_ratio)
+        assert result.sample_exit_layers.tolist() == simulated.sample_exit_layers.tolist()
         torch.testing.assert_close(result.logits, simulated.logits, atol=1e-5, rtol=0)
         assert result.speedup == pytest.approx(simulated.speedup)
-        seen_layers.update(result.exit_layers.tolist())
+        seen_layers.update(result.sample_exit_layers.tolist())
     assert len(seen_layers) >= 3  # the comparison really exercised compaction
 
 
@@ -62,9 +62,9 @@ def assert_each_sample_alone_agrees(model, input_ids, attention_mask, threshold,
     for row in range(input_ids.shape[0]):
         length = int(attention_mask[row].sum())
         alone = model.predict_early(input_ids[row : row + 1, :length], threshold=threshold, lam=1.0)
-        assert alone.exit_layers.item() == batched.exit_layers[row].item()
+        assert alone.sample_exit_layers.item() == batched.sample_exit_layers[row].item()
         torch.testing.assert_close(alone.logits[0], batched.logits[row], atol=1e-5, rtol=0)
-    assert len(set(batched.exit_layers.tolist())) >= 2
+    assert len(set(batched.sample_exit_layers.tolist())) >= 2
 
 
 def test_batch_matches_each_sample_run_alone(trained_model):
@@ -89,7 +89,7 @@ def test_compaction_keeps_multiples_of_eight_rows_and_padding_rows_change_nothin
     assert sizes[0] == 30 and all(size % 8 == 0 or size < 8 for size in sizes[1:])
     assert len(set(sizes)) >= 2  # it did shrink
     # The rows still running are never more than 7 above the samples still running.
-    still_running = [(batched.exit_layers >= layer).sum().item() for layer in range(1, len(sizes) + 1)]
+    still_running = [(batched.sample_exit_layers >= layer).sum().item() for layer in range(1, len(sizes) + 1)]
     assert all(size - running <= 7 or size == 30 for size, running in zip(sizes, still_running))
     assert_each_sample_alone_agrees(trained_model, input_ids, attention_mask, threshold, batched)
 
@@ -99,14 +99,14 @@ def test_threshold_zero_reproduces_the_full_model_exactly(trained_model):
     full = full_signals(trained_model, input_ids, attention_mask)
     result = trained_model.predict_early(input_ids, attention_mask, threshold=0.0)
     assert torch.equal(result.logits, full.logits)
-    assert result.exit_layers.tolist() == [4] * 6 and result.speedup == 1.0
+    assert result.sample_exit_layers.tolist() == [4] * 6 and result.speedup == 1.0
 
 
 def test_threshold_above_one_always_leaves_at_the_first_exit(trained_model):
     input_ids, attention_mask = mixed_length_batch(batch_size=6)
     full = full_signals(trained_model, input_ids, attention_mask)
     result = trained_model.predict_early(input_ids, attention_mask, threshold=1.5)
-    assert result.exit_layers.tolist() == [1] * 6 and result.speedup == pytest.approx(4.0)
+    assert result.sample_exit_layers.tolist() == [1] * 6 and result.speedup == pytest.approx(4.0)
     torch.testing.assert_close(result.logits, full.exit_logits[0], atol=1e-5, rtol=0)
 
 
@@ -115,17 +115,17 @@ def test_defaults_come_from_the_config(trained_model):
     low, middle, high = spread_thresholds(full_signals(trained_model, input_ids, attention_mask), 2.0)
     trained_model.config.early_exit_threshold, trained_model.config.early_exit_lambda = high, 2.0
     by_default = trained_model.predict_early(input_ids, attention_mask)
-    assert torch.equal(by_default.exit_layers, trained_model.predict_early(input_ids, attention_mask, threshold=high,
-                                                                           lam=2.0).exit_layers)
-    assert not torch.equal(by_default.exit_layers, trained_model.predict_early(input_ids, attention_mask,
-                                                                               threshold=low, lam=2.0).exit_layers)
+    assert torch.equal(by_default.sample_exit_layers, trained_model.predict_early(input_ids, attention_mask, threshold=high,
+                                                                           lam=2.0).sample_exit_layers)
+    assert not torch.equal(by_default.sample_exit_layers, trained_model.predict_early(input_ids, attention_mask,
+                                                                               threshold=low, lam=2.0).sample_exit_layers)
 
 
 def test_predict_early_returns_long_exit_layers_and_restores_training_mode(trained_model):
     input_ids, attention_mask = mixed_length_batch(batch_size=4)
     trained_model.train()
     result = trained_model.predict_early(input_ids, attention_mask, threshold=0.5)
-    assert result.exit_layers.dtype == torch.long and trained_model.training
+    assert result.sample_exit_layers.dtype == torch.long and trained_model.training
 
 
 def test_untrained_prototypes_raise_an_error_that_names_the_fix(backbone):
@@ -142,7 +142,8 @@ def test_distance_ratio_is_none_until_every_prototype_exists():
     output = full_signals(model, input_ids, attention_mask)
     assert output.distance_ratio is None and output.entropy.shape == (3, 2)
     with pytest.raises(ValueError, match="lam=0"):
-        simulate_early_exit(output.exit_logits, output.entropy, None, [1, 2, 3, 4], 0.5, 1.0)
+        simulate_policy(get_exit_policy("de3", threshold=0.5, lam=1.0), output.exit_logits, [1, 2, 3, 4], output.entropy,
+                        None)
 
 
 @pytest.mark.parametrize("threshold, lam", [(float("nan"), 1.0), (-0.1, 1.0), (0.5, float("nan")), (0.5, -1.0),
@@ -215,7 +216,7 @@ def test_half_precision_gives_finite_signals_and_predictions(trained_model, dtyp
 def test_mean_pooling_averages_the_attended_tokens_only():
     model = tiny_model(exit_pooling="mean")
     hidden = torch.tensor([[[1.0] * 32, [3.0] * 32, [100.0] * 32]])
-    pooled = model._pool(hidden, torch.tensor([[1, 1, 0]]))
+    pooled = model.pool(hidden, torch.tensor([[1, 1, 0]]))
     pooler = model.bert.pooler
     torch.testing.assert_close(pooled, pooler.activation(pooler.dense(torch.full((1, 32), 2.0))))
 
@@ -226,9 +227,9 @@ def test_mean_pooling_keeps_compact_batch_equal_to_simulation_and_single_runs(ba
     full = full_signals(model, input_ids, attention_mask)
     threshold = spread_thresholds(full, 1.0)[1]
     batched = model.predict_early(input_ids, attention_mask, threshold=threshold, lam=1.0)
-    simulated = simulate_early_exit(full.exit_logits, full.entropy, full.distance_ratio, model.config.exit_layers,
-                                    threshold, 1.0)
-    assert batched.exit_layers.tolist() == simulated.exit_layers.tolist()
+    simulated = simulate_policy(get_exit_policy("de3", threshold=threshold, lam=1.0), full.exit_logits,
+                                model.config.exit_layers, full.entropy, full.distance_ratio)
+    assert batched.sample_exit_layers.tolist() == simulated.sample_exit_layers.tolist()
     torch.testing.assert_close(batched.logits, simulated.logits, atol=1e-5, rtol=0)
     assert_each_sample_alone_agrees(model, input_ids, attention_mask, threshold, batched)
 

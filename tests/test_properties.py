@@ -14,8 +14,13 @@ import torch
 from hypothesis import assume, example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from de3_transformers import simulate_early_exit
-from de3_transformers.exit_policies import exit_views, get_exit_policy, layer_speedup, simulate_first_exits
+from de3_transformers.exit_policies import (
+    exit_views,
+    get_exit_policy,
+    layer_speedup,
+    simulate_first_exits,
+    simulate_policy,
+)
 from de3_transformers.signals import distance_ratio, hybrid_indicator, normalized_entropy, prototype_distances
 
 from conftest import BACKBONES, mixed_length_batch, tiny_model, train_prototypes
@@ -214,7 +219,7 @@ def test_a_higher_threshold_never_makes_a_sample_leave_later(problem):
     model, (input_ids, attention_mask, _) = confident_model(backbone), full_forward(backbone, seed)
     at_low = model.predict_early(input_ids, attention_mask, threshold=low, lam=lam)
     at_high = model.predict_early(input_ids, attention_mask, threshold=high, lam=lam)
-    assert (at_high.exit_layers <= at_low.exit_layers).all(), (at_low.exit_layers, at_high.exit_layers)
+    assert (at_high.sample_exit_layers <= at_low.sample_exit_layers).all(), (at_low.sample_exit_layers, at_high.sample_exit_layers)
     assert at_high.speedup >= at_low.speedup
 
 
@@ -227,7 +232,7 @@ def test_permuting_the_batch_permutes_the_exits_and_logits(problem, order):
     order = torch.tensor(order)
     result = model.predict_early(input_ids, attention_mask, threshold=threshold, lam=lam)
     permuted = model.predict_early(input_ids[order], attention_mask[order], threshold=threshold, lam=lam)
-    assert torch.equal(permuted.exit_layers, result.exit_layers[order])
+    assert torch.equal(permuted.sample_exit_layers, result.sample_exit_layers[order])
     torch.testing.assert_close(permuted.logits, result.logits[order], atol=1e-5, rtol=0)
 
 
@@ -238,12 +243,12 @@ def test_compact_early_exit_equals_simulation_from_a_full_forward(problem):
     assume_clear_of_every_edr(edr_values(backbone, seed, lam), [threshold])
     model, (input_ids, attention_mask, full) = confident_model(backbone), full_forward(backbone, seed)
     result = model.predict_early(input_ids, attention_mask, threshold=threshold, lam=lam)
-    simulated = simulate_early_exit(full.exit_logits, full.entropy, full.distance_ratio, model.config.exit_layers,
-                                    threshold, lam)
-    assert torch.equal(result.exit_layers, simulated.exit_layers)
+    simulated = simulate_policy(get_exit_policy("de3", threshold=threshold, lam=lam), full.exit_logits,
+                                model.config.exit_layers, full.entropy, full.distance_ratio)
+    assert torch.equal(result.sample_exit_layers, simulated.sample_exit_layers)
     torch.testing.assert_close(result.logits, simulated.logits, atol=1e-5, rtol=0)
     assert result.speedup == pytest.approx(simulated.speedup)
-    assert result.speedup == pytest.approx(layer_speedup(result.exit_layers, model.config.num_hidden_layers))
+    assert result.speedup == pytest.approx(layer_speedup(result.sample_exit_layers, model.config.num_hidden_layers))
 
 
 # Every policy's sweep, on random signals: from "nobody leaves early" to the most early exits, one step at a time.

@@ -1,15 +1,18 @@
-"""MPEE (METHOD.md section 5): class attention, token selection and fusion, the memories, self-distillation and the
-FLOPs of shorter sequences on hand-made tensors; token exit in `forward` and compact `predict_early`."""
+"""MPEE (METHOD.md section 5): class attention, token selection and fusion, token importance and carried exit
+logits, self-distillation and the FLOPs of shorter sequences on hand-made tensors; token exit in `forward` and
+compact `predict_early`."""
 
 import math
 
 import pytest
 import torch
 
+from de3_transformers import modeling_de3
+from de3_transformers.early_exit import run_layer, start_batch
 from de3_transformers.exit_policies import exit_views, get_exit_policy, simulate_policy
 from de3_transformers.flops import FlopsCounter
 from de3_transformers.losses import ExitEnsembleTeacher, self_distillation_loss
-from de3_transformers.token_exit import class_attention, prune_tokens, token_lengths, update_memory
+from de3_transformers.token_exit import class_attention, prune_tokens, running_average, token_lengths
 
 from conftest import mixed_length_batch, tiny_model, train_prototypes
 
@@ -30,27 +33,28 @@ def test_class_attention_is_the_first_row_of_the_layers_attention_averaged_over_
     assert (mine[attention_mask == 0] == 0).all()
 
 
-def test_memory_update():
-    assert update_memory(None, torch.tensor([1.0, 3.0]), 0.5).tolist() == [1.0, 3.0]  # the first value starts it
-    assert update_memory(torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0]), 0.25).tolist() == [1.5, 2.5]
-    assert update_memory(torch.tensor([1.0]), torch.tensor([4.0]), 1.0).tolist() == [4.0]
+def test_running_average():
+    assert running_average(None, torch.tensor([1.0, 3.0]), 0.5).tolist() == [1.0, 3.0]  # the first value starts it
+    assert running_average(torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0]), 0.25).tolist() == [1.5, 2.5]
+    assert running_average(torch.tensor([1.0]), torch.tensor([4.0]), 1.0).tolist() == [4.0]
 
 
 def hand_sequence():
-    """Two samples of 6 slots, hidden size 2; sample 1 has 4 real tokens."""
+    """Two samples of 6 slots, hidden size 2 (every slot's state is distinct, so it tells which slot was kept);
+    sample 1 has 4 real tokens."""
     hidden = torch.arange(24, dtype=torch.float32).view(2, 6, 2)
     token_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    memory = torch.tensor([[0.5, 0.1, 0.4, 0.2, 0.3, 0.05], [0.4, 0.3, 0.1, 0.2, 0.0, 0.0]])
+    importance = torch.tensor([[0.5, 0.1, 0.4, 0.2, 0.3, 0.05], [0.4, 0.3, 0.1, 0.2, 0.0, 0.0]])
     attention = torch.tensor([[0.3, 0.1, 0.2, 0.1, 0.2, 0.1], [0.4, 0.2, 0.3, 0.1, 0.0, 0.0]])
-    return hidden, token_mask, memory, attention
+    return hidden, token_mask, importance, attention
 
 
-def test_prune_keeps_the_first_token_and_the_top_memory_tokens_in_order_and_fuses_the_rest():
-    hidden, token_mask, memory, attention = hand_sequence()
-    pruned = prune_tokens(hidden, token_mask, memory, attention, ratio=0.5, has_fusion=False)
-    # Sample 0: 5 candidates, keep floor(2.5) = 2, the highest memory: slots 2 (0.4) and 4 (0.3), in slot order.
+def test_prune_keeps_the_first_token_and_the_most_important_tokens_in_order_and_fuses_the_rest():
+    hidden, token_mask, importance, attention = hand_sequence()
+    pruned = prune_tokens(hidden, token_mask, importance, attention, ratio=0.5, has_fusion=False)
+    # Sample 0: 5 candidates, keep floor(2.5) = 2, the most important: slots 2 (0.4) and 4 (0.3), in slot order.
     # Sample 1: 3 candidates, keep 1: slot 1 (0.3); the second kept position is padding.
-    assert pruned.kept.tolist() == [[0, 2, 4, -1], [0, 1, pruned.kept[1, 2].item(), -1]]
+    torch.testing.assert_close(pruned.importance[1, :2], importance[1, [0, 1]])
     assert pruned.token_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
     torch.testing.assert_close(pruned.hidden[0, :3], hidden[0, [0, 2, 4]])
     torch.testing.assert_close(pruned.hidden[1, :2], hidden[1, [0, 1]])
@@ -58,16 +62,17 @@ def test_prune_keeps_the_first_token_and_the_top_memory_tokens_in_order_and_fuse
     # sample 1: slots 2 and 3 with 0.3 and 0.1).
     torch.testing.assert_close(pruned.hidden[0, 3], hidden[0, [1, 3, 5]].mean(dim=0))
     torch.testing.assert_close(pruned.hidden[1, 3], 0.75 * hidden[1, 2] + 0.25 * hidden[1, 3])
-    torch.testing.assert_close(pruned.memory[0], torch.tensor([0.5, 0.4, 0.3, 0.1 + 0.2 + 0.05]))
+    torch.testing.assert_close(pruned.importance[0], torch.tensor([0.5, 0.4, 0.3, 0.1 + 0.2 + 0.05]))
 
 
 def test_a_second_token_exit_fuses_the_previous_fusion_token_again():
-    hidden, token_mask, memory, attention = hand_sequence()
-    first = prune_tokens(hidden, token_mask, memory, attention, ratio=0.5, has_fusion=False)
+    hidden, token_mask, importance, attention = hand_sequence()
+    first = prune_tokens(hidden, token_mask, importance, attention, ratio=0.5, has_fusion=False)
     new_attention = torch.tensor([[0.4, 0.3, 0.1, 0.2], [0.5, 0.25, 0.0, 0.25]])
-    second = prune_tokens(first.hidden, first.token_mask, first.memory, new_attention, ratio=0.5, has_fusion=True)
-    # Sample 0: 2 candidates (the fusion slot is not one), keep 1: slot 1 (memory 0.4); fuse slot 2 and the old fusion.
-    assert second.kept[0].tolist() == [0, 1, -1]
+    second = prune_tokens(first.hidden, first.token_mask, first.importance, new_attention, ratio=0.5, has_fusion=True)
+    # Sample 0: 2 candidates (the fusion slot is not one), keep 1: slot 1 (importance 0.4); fuse slot 2 and the old
+    # fusion.
+    torch.testing.assert_close(second.hidden[0, :2], first.hidden[0, [0, 1]])
     assert second.token_mask.tolist() == [[1, 1, 1], [1, 0, 1]]
     torch.testing.assert_close(second.hidden[0, 2], (0.1 * first.hidden[0, 2] + 0.2 * first.hidden[0, 3]) / 0.3)
     # Sample 1: 1 candidate, keep 0: the kept token and the old fusion token are fused, equally weighted.
@@ -81,17 +86,23 @@ def test_nothing_to_fuse_leaves_the_fusion_slot_masked():
     torch.testing.assert_close(kept_all.hidden[0, :6], hidden[0])
 
 
+def layer_output(layer, hidden, mask):
+    output = layer(hidden, attention_mask=mask)
+    return output[0] if isinstance(output, tuple) else output
+
+
 def test_model_keeps_the_tokens_with_the_highest_class_attention_memory():
     model = tiny_model(**{**MPEE, "token_exit_layers": [2], "class_attention_momentum": 0.25})
     input_ids, attention_mask = mixed_length_batch(batch_size=4)
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        hidden, mask = model._embed(input_ids, attention_mask, None, None, None)
+        batch = start_batch(model, input_ids, attention_mask, None)
+        hidden, mask = batch.hidden, batch.attention_mask
         layers = model.bert.encoder.layer
         first = class_attention(layers[0].attention.self, hidden, attention_mask)
-        hidden = model._run_layer(layers[0], hidden, mask)
+        hidden = layer_output(layers[0], hidden, mask)
         second = class_attention(layers[1].attention.self, hidden, attention_mask)
-        hidden = model._run_layer(layers[1], hidden, mask)
+        hidden = layer_output(layers[1], hidden, mask)
     memory = 0.75 * first + 0.25 * second  # A_m^2 = (1 - beta) A_m^1 + beta A_class^2, with A_m^1 = A_class^1
     pruned = out.hidden_states[2]  # after layer 2, pruned: [first; kept; fusion]
     for row in range(4):
@@ -110,18 +121,16 @@ def test_token_lengths_follow_from_the_length_alone():
     assert token_lengths(torch.tensor([10]), 0.0, [2, 4], 6)[:, 0].tolist() == [10] * 6
 
 
-def test_model_sequence_lengths_match_token_lengths():
+def test_model_sequence_lengths_match_token_lengths(monkeypatch):
     model = tiny_model(**MPEE)
     input_ids, attention_mask = mixed_length_batch(batch_size=8)
     seen = []
-    original = model._token_exit_step
 
-    def recording(*args):
-        hidden, mask, tokens = original(*args)
-        seen.append(tokens[0].sum(dim=1))
-        return hidden, mask, tokens
+    def recording(config, layer_number, layer, batch):
+        run_layer(config, layer_number, layer, batch)
+        seen.append(batch.token_mask.sum(dim=1))
 
-    model._token_exit_step = recording
+    monkeypatch.setattr(modeling_de3, "run_layer", recording)
     with torch.no_grad():
         model(input_ids=input_ids, attention_mask=attention_mask)
     expected = token_lengths(attention_mask.sum(dim=1), 0.5, [1, 2], 4)
@@ -210,15 +219,15 @@ def test_compact_predict_early_with_token_exit_matches_the_replay(backbone, poli
         replay = simulate_policy(policy, full.exit_logits, model.config.exit_layers, full.entropy,
                                  full.distance_ratio)
         compact = model.predict_early(input_ids, attention_mask, policy=policy)
-        assert torch.equal(compact.exit_layers, replay.exit_layers)
+        assert torch.equal(compact.sample_exit_layers, replay.sample_exit_layers)
         torch.testing.assert_close(compact.logits, replay.logits, atol=1e-5, rtol=1e-5)
-    assert len(set(compact.exit_layers.tolist())) > 1  # samples left at different layers
+    assert len(set(compact.sample_exit_layers.tolist())) > 1  # samples left at different layers
     # Each sample keeps its own tokens: alone and unpadded it gets the same answer.
     for row in range(12):
         length = int(attention_mask[row].sum())
         alone = model.predict_early(input_ids[row:row + 1, :length], attention_mask[row:row + 1, :length],
                                     policy=policy)
-        assert alone.exit_layers.item() == compact.exit_layers[row].item()
+        assert alone.sample_exit_layers.item() == compact.sample_exit_layers[row].item()
         torch.testing.assert_close(alone.logits[0], compact.logits[row], atol=1e-5, rtol=1e-5)
 
 

@@ -198,7 +198,7 @@ def test_training_arguments_validate_the_early_exit_settings(tmp_path, field, va
 
 
 def test_trainer_keeps_a_de3_model_card_and_drafts_one_otherwise(tmp_path):
-    from de3_transformers.model_cards import write_model_card
+    from de3_transformers.model_card import write_model_card
 
     model = tiny_model()
     trainer = DE3Trainer(model=model, args=arguments(tmp_path))

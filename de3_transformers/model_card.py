@@ -1,9 +1,9 @@
-"""Model cards for DE3 checkpoints, in the Hugging Face Hub format (importable as `de3_transformers.model_cards`).
+"""Model cards for DE3 checkpoints, in the Hugging Face Hub format.
 
 `build_model_card` turns a DE3 model and what was measured on it into a `huggingface_hub.ModelCard`: the YAML
 metadata (`library_name`, `tags`, `datasets`, `metrics`, `base_model`, `license`, `model-index`) comes from
-`ModelCardData` and `EvalResult`, the text from `template.md`. Every number in a card comes from the arguments;
-a section whose data was not given is left out.
+`ModelCardData` and `EvalResult`, the text from `model_card_template.md` beside this module. Every number in a card
+comes from the arguments; a section whose data was not given is left out.
 """
 
 import math
@@ -15,8 +15,11 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .exit_policies import build_exit_policy
+from .objectives import get_training_objective
 
-TEMPLATE = "template.md"
+
+TEMPLATE = "model_card_template.md"
 TAGS = ["de3-transformers", "early-exit", "text-classification"]
 TASK_TYPE = "text-classification"
 # The layer speed-ups (METHOD.md eq. 12) whose nearest calibration-curve points make the trade-off table.
@@ -52,16 +55,6 @@ _TRAINING_LABELS = {
 _CONFIG_TRAINING_FIELDS = (
     "dar_type", "dar_alpha", "distance", "prototype_momentum", "exit_layers", "training_objective",
 )
-# What each training objective is, for the card (METHOD.md sections 2, 4 and 5).
-_OBJECTIVES = {
-    "de3": "the DE3 objective: cross-entropy at every exit plus distance-aware regularisation (DAR) weighted by DAR "
-           "alpha, averaged over exits with weights growing with depth",
-    "cosee": "COSEE (Consistency-Oriented Signal-based Early Exiting): each sample's cross-entropy weighted towards "
-             "the exits it would leave at under randomly drawn thresholds, plus online signal calibration, and DAR "
-             "weighted by DAR alpha",
-    "mpee": "MPEE (Multi-Perspective Early Exiting): cross-entropy at every exit on the exit classifier memory, plus "
-            "weighted ensemble self-distillation, and DAR weighted by DAR alpha; tokens exit as well as layers",
-}
 # A Hub model id, `name` or `owner/name`; anything else (a local folder) stays out of the YAML `base_model`.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -139,7 +132,7 @@ def build_model_card(
     if not metric_types and calibration is not None:
         metric_types = list(dict.fromkeys(["accuracy", *(calibration.metrics or {})]))
     metric_types = [name for name in metric_types if name != "speedup"]  # a cost, not a quality metric
-    early_exit = _early_exit_setting(model, calibration)
+    early_exit = _early_exit_setting(config, calibration)
     eval_results = _eval_results(evaluation, early_exit, task_name, dataset_name)
 
     card_data = ModelCardData(
@@ -265,7 +258,7 @@ def _description(config, model_name: str, task_name: str, dataset_name: str, bas
         "labels": ", ".join(f"`{index}` {_cell(label)}" for index, label in sorted(id2label.items())),
         "threshold": _setting(config.early_exit_threshold),
         "lam": _setting(config.early_exit_lambda),
-        "objective": _OBJECTIVES[config.training_objective],
+        "objective": get_training_objective(config.training_objective).card_description,
     }
 
 
@@ -400,13 +393,12 @@ def _split_eval_metrics(eval_metrics: Mapping) -> dict[str, dict[str, float]]:
     return split
 
 
-def _early_exit_setting(model, calibration) -> dict:
+def _early_exit_setting(config, calibration) -> dict:
     """The exit setting the early-exit results stand for: the calibrated one, else the saved defaults."""
     if calibration is not None:
         return {"threshold": calibration.threshold, "lam": calibration.lam, "source": "calibrated",
                 "policy": getattr(calibration, "policy", "de3"), "parameters": getattr(calibration, "parameters", {})}
-    config = model.config
-    policy = model._exit_policy(None, None, None, None)  # what `predict_early()` runs with the saved defaults
+    policy = build_exit_policy(config)  # what `predict_early()` runs with the saved defaults
     return {"threshold": config.early_exit_threshold, "lam": config.early_exit_lambda, "source": "saved default",
             "policy": policy.name, "parameters": policy.parameters()}
 

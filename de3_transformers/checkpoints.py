@@ -1,0 +1,124 @@
+"""Saving and loading DE3 checkpoints: atomic saves, load errors that say what is wrong, and `from_backbone`, which
+starts a DE3 model from a plain pretrained BERT / RoBERTa checkpoint."""
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from transformers import AutoConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+
+class DE3CheckpointMixin:
+    """The checkpoint methods of the DE3 models (mixed in before `PreTrainedModel`, whose methods they wrap)."""
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, made atomic: everything is written to a temporary folder beside
+        `save_directory` and then moved in file by file with `os.replace`, weights first, so a crash while saving
+        leaves the previous checkpoint in `save_directory` loadable. Other files in the folder (a tokenizer, Trainer
+        checkpoints) are kept; stale weight shards of an earlier save are removed.
+
+        Raises:
+            OSError: if the folder cannot be written.
+            huggingface_hub.errors.StrictDataclassClassValidationError: if a config field was set to an invalid value
+                after the config was built (the error names it); nothing is written then.
+        """
+        if push_to_hub:  # uploading works on the folder itself: keep the library's own path
+            return super().save_pretrained(save_directory, *args, push_to_hub=True, **kwargs)
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.saving-") as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            written = sorted(Path(staging).iterdir(), key=lambda path: ".safetensors" not in path.name)
+            for stale in target.glob("model*.safetensors*"):
+                if not (Path(staging) / stale.name).exists():
+                    stale.unlink()
+            for path in written:
+                os.replace(path, target / path.name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with errors that say what is wrong for a corrupted weights file and for
+        a config whose `num_labels` or `exit_layers` do not fit the saved heads and prototypes.
+
+        Raises:
+            OSError: if the weights file is corrupted or truncated.
+            ValueError: if the config does not fit the saved weights (and `ignore_mismatched_sizes` is not set).
+        """
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of {pretrained_model_name_or_path} are corrupted or truncated ({error}). Save the model "
+                "again, or download it again; saving with save_pretrained never leaves a half-written file."
+            ) from error
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            saved = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+            raise ValueError(
+                f"The config does not fit the weights saved in {pretrained_model_name_or_path}, which have "
+                f"num_labels={saved.num_labels} and exit_layers={saved.exit_layers}. Load the checkpoint with its own "
+                "config, or pass ignore_mismatched_sizes=True to start the heads and prototypes that differ afresh."
+            ) from error
+
+    @classmethod
+    def from_backbone(cls, pretrained_model_name_or_path, num_labels: int = 2, **kwargs):
+        """Starts a DE3 model from a plain pretrained backbone checkpoint (e.g. `bert-base-uncased`, MiniLM).
+
+        The backbone weights are loaded; the exit heads, prototypical networks and prototypes are freshly
+        initialised, and a warning lists them. Keyword arguments that are config fields (the DE3 options such
+        as `dar_alpha`, `exit_layers`, `distance`, or backbone fields such as `hidden_dropout_prob`) go to the
+        config; the rest (`dtype`, `attn_implementation`, `local_files_only`, ...) go to `from_pretrained`.
+
+        Raises:
+            ValueError: if the checkpoint is not of this class's backbone architecture, or a DE3 option is invalid.
+        """
+        config_class = cls.config_class
+        config_fields = {field.name for field in dataclasses.fields(config_class)} | {"id2label", "label2id"}
+        config_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in config_fields}
+        loading_keys = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
+        backbone_config = AutoConfig.from_pretrained(
+            pretrained_model_name_or_path, **{key: kwargs[key] for key in loading_keys if key in kwargs}
+        )
+        backbone_type = cls.base_model_prefix  # "bert" / "roberta", also the backbone's model_type
+        if backbone_config.model_type != backbone_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a {backbone_config.model_type!r} checkpoint but {cls.__name__} "
+                f"needs a {backbone_type!r} one. To reload a saved DE3 model use from_pretrained."
+            )
+        values = {
+            key: value
+            for key, value in backbone_config.to_dict().items()
+            if key not in ("model_type", "architectures", "transformers_version", "id2label", "label2id")
+        }
+        if "id2label" not in config_kwargs:
+            values["num_labels"] = num_labels
+        config = config_class(**{**values, **config_kwargs})
+        model, info = cls.from_pretrained(
+            pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
+        )
+        mean_pooled = Path(str(pretrained_model_name_or_path), "1_Pooling", "config.json")
+        if config.exit_pooling == "first" and mean_pooled.is_file():
+            if json.loads(mean_pooled.read_text()).get("pooling_mode_mean_tokens"):
+                logger.warning(
+                    f"{pretrained_model_name_or_path} is a sentence-transformers checkpoint trained with mean pooling: "
+                    "its first token carries little sentence information in early layers, so shallow exits learn "
+                    "slowly. Consider exit_pooling='mean'."
+                )
+        fresh = sorted({key.split(".")[0] for key in info["missing_keys"]})
+        logger.warning(
+            f"{cls.__name__}: backbone weights loaded from {pretrained_model_name_or_path}. Freshly initialised, to "
+            f"be trained before use: {', '.join(fresh) or 'nothing'} "
+            f"({len(info['missing_keys'])} tensors). Prototypes start uninitialised and are set by training batches."
+        )
+        return model
+
+
+__all__ = ["DE3CheckpointMixin"]

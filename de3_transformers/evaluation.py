@@ -1,0 +1,164 @@
+"""One full-depth pass over labelled data, kept as [`ExitSignals`] for calibration and analysis, and the measurement
+of early exit for real with `predict_early` (METHOD.md section 6)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batching import labelled_batches, progress
+from .early_exit import eval_mode
+from .exit_policies import ExitPolicy, build_exit_policy, exit_views, layer_speedup
+from .flops import FlopsCounter
+
+
+MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+
+
+@dataclass
+class ExitSignals:
+    """Everything a policy needs, from one full-depth pass over a labelled data set (all on CPU).
+
+    `exit_logits` `[E, N, K]` (float32), `entropy` `[E-1, N]`, `distance_ratio` `[E-1, N]` or `None` while some
+    prototype is uninitialised, `labels` `[N]`, the encoder layer of each exit, the depth `M` of the model, and, when
+    collected from a model: `exit_scores` `[E-1, N]` (models with learning-to-exit heads), the number of attended
+    tokens of each sample `lengths` `[N]` and the model's [`FlopsCounter`] (for FLOPs speed-ups).
+    """
+
+    exit_logits: torch.Tensor
+    entropy: torch.Tensor
+    distance_ratio: torch.Tensor | None
+    labels: torch.Tensor
+    exit_layers: list[int]
+    num_layers: int
+    exit_scores: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    flops: FlopsCounter | None = None
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def views(self):
+        """One `ExitView` per exit below the top, over all samples."""
+        return exit_views(self.exit_logits, self.exit_layers, self.entropy, self.distance_ratio, self.exit_scores,
+                          self.labels)
+
+    def check_readable_by(self, policy: ExitPolicy) -> None:
+        """Checks that these signals hold what `policy` reads.
+
+        Raises:
+            ValueError: for the distance ratio of a model whose prototypes are not initialised, or learning-to-exit
+                scores of a model without learning-to-exit heads.
+        """
+        if self.entropy.shape[0] == 0:
+            return  # a single exit: nothing is read
+        if policy.needs_distance_ratio and self.distance_ratio is None:
+            raise ValueError(
+                f"Policy {policy.name!r} ({policy.parameters()}) needs the distance ratio, but some prototypes of this "
+                "model are not initialised. Train the model first (DE3Trainer, or labelled forwards in train mode), or "
+                "calibrate with lam=0 (entropy alone)."
+            )
+        if policy.needs_exit_scores and self.exit_scores is None:
+            raise ValueError(
+                f"Policy {policy.name!r} needs learning-to-exit scores: train the model with learning_to_exit=True."
+            )
+
+
+def collect_exit_signals(model, dataset, batch_size: int = 64, device=None) -> ExitSignals:
+    """Runs the full model once over a labelled dataset and keeps every exit's logits and exit signals.
+
+    Args:
+        model: a DE3 model (`DE3BertForSequenceClassification`, `DE3RobertaForSequenceClassification`).
+        dataset: a tokenized `datasets.Dataset`, or any sequence of dicts, with `input_ids`, optionally
+            `attention_mask` and `token_type_ids`, and a `label` or `labels` column of class ids. It is read in
+            order, in batches right-padded with `model.config.pad_token_id`.
+        batch_size: samples per forward.
+        device: where to run; defaults to the model's device. The model is moved back afterwards.
+
+    Returns:
+        [`ExitSignals`] on CPU, samples in dataset order. The model's train/eval mode is restored; its prototypes
+        are untouched (eval mode never updates them).
+
+    Raises:
+        ValueError: for an empty dataset, one without labels, labels that are not class ids in `[0, num_labels)`,
+            or a `batch_size` below 1.
+    """
+    loader = labelled_batches(model, dataset, batch_size)
+    logits, entropy, ratio, scores, labels, lengths = [], [], [], [], [], []
+    with eval_mode(model, device) as run_device, torch.inference_mode():
+        for batch in progress(loader, "Collecting exit signals"):
+            labels.append(batch.pop("labels"))
+            lengths.append(batch["attention_mask"].sum(dim=-1))
+            output = model(**{name: tensor.to(run_device) for name, tensor in batch.items()},
+                           output_exit_signals=True)
+            logits.append(output.exit_logits.float().cpu())
+            entropy.append(output.entropy.cpu())
+            ratio.append(None if output.distance_ratio is None else output.distance_ratio.cpu())
+            scores.append(None if output.exit_scores is None else output.exit_scores.cpu())
+    return ExitSignals(
+        exit_logits=torch.cat(logits, dim=1),
+        entropy=torch.cat(entropy, dim=1),
+        # Prototypes do not change in eval mode, so the ratio is either there for every batch or for none.
+        distance_ratio=None if any(part is None for part in ratio) else torch.cat(ratio, dim=1),
+        labels=torch.cat(labels),
+        exit_layers=list(model.config.exit_layers),
+        num_layers=model.config.num_hidden_layers,
+        exit_scores=None if any(part is None for part in scores) else torch.cat(scores, dim=1),
+        lengths=torch.cat(lengths),
+        flops=FlopsCounter.from_config(model.config),
+    )
+
+
+def evaluate_early_exit(
+    model,
+    dataset,
+    threshold: float | None = None,
+    lam: float | None = None,
+    metric_fn: MetricFn | None = None,
+    batch_size: int = 64,
+    device=None,
+    policy: "str | ExitPolicy | None" = None,
+    patience: int | None = None,
+) -> dict[str, float]:
+    """Measures early exit for real with `predict_early` (layers skipped, not simulated) on labelled data.
+
+    Args:
+        model, dataset, batch_size, device: as for [`collect_exit_signals`].
+        threshold, lam, policy, patience: as for `predict_early`; default to the model's config (the calibrated
+            values).
+        metric_fn: extra metrics, `(predicted class ids, labels) -> {name: value}` on numpy arrays (see
+            `de3_transformers.metrics.classification_metrics`).
+
+    Returns:
+        `{"speedup": layer speed-up over the whole dataset, "flops_speedup": ..., "accuracy": ...,
+        **metric_fn's metrics}`.
+
+    Raises:
+        ValueError: as [`collect_exit_signals`] and `predict_early`.
+        RuntimeError: when the policy reads the distance ratio and some prototype was never initialised.
+    """
+    loader = labelled_batches(model, dataset, batch_size)
+    exit_policy = build_exit_policy(model.config, policy, threshold=threshold, lam=lam, patience=patience)
+    predictions, layers, labels, lengths = [], [], [], []
+    with eval_mode(model, device) as run_device:
+        for batch in progress(loader, "Early-exit evaluation"):
+            labels.append(batch.pop("labels"))
+            lengths.append(batch["attention_mask"].sum(dim=-1))
+            inputs = {name: tensor.to(run_device) for name, tensor in batch.items()}
+            result = model.predict_early(**inputs, policy=exit_policy,
+                                         labels=labels[-1].to(run_device) if exit_policy.needs_labels else None)
+            predictions.append(result.logits.argmax(dim=-1).cpu())
+            layers.append(result.sample_exit_layers.cpu())
+    predictions, labels, layers = torch.cat(predictions), torch.cat(labels), torch.cat(layers)
+    exit_index = torch.searchsorted(torch.tensor(model.config.exit_layers), layers)
+    flops = FlopsCounter.from_config(model.config).speedup(
+        exit_index, torch.cat(lengths), exit_policy.needs_distance_ratio, exit_policy.needs_exit_scores)
+    measured = {"speedup": layer_speedup(layers, model.config.num_hidden_layers), "flops_speedup": float(flops),
+                "accuracy": float((predictions == labels).double().mean())}
+    if metric_fn is not None:
+        measured.update({name: float(value) for name, value in metric_fn(predictions.numpy(), labels.numpy()).items()})
+    return measured
+
+
+__all__ = ["ExitSignals", "MetricFn", "collect_exit_signals", "evaluate_early_exit"]
