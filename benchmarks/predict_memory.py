@@ -184,7 +184,7 @@ def main() -> None:
     highest_after_warmup = max(row[1] for row in rows) - first
     peak = peak_rss_mib()
     flat = growth <= args.tolerance_mb and highest_after_warmup <= args.tolerance_mb
-    speedup = num_layers * args.num_texts / layers_total  # METHOD.md eq. 12 over all texts
+    speedup = num_layers * args.num_texts / layers_total  # docs/method.md eq. 12 over all texts
 
     trim_column = " RSS after malloc_trim (MiB) |" if trim is not None else ""
     table = ["| texts | RSS (MiB) | change since first checkpoint (MiB) | texts/s (interval) | layer speed-up (interval) |"

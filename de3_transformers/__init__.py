@@ -13,18 +13,16 @@ from .evaluation import ExitSignals, collect_exit_signals, evaluate_early_exit
 from .exit_policies import (
     EXIT_POLICIES,
     ExitPolicy,
-    SimulatedExits,
     ThresholdPolicy,
     build_exit_policy,
     get_exit_policy,
-    layer_speedup,
     register_exit_policy,
-    simulate_policy,
 )
 from .inference import predict_dataset
 from .modeling_de3 import DE3BertForSequenceClassification, DE3RobertaForSequenceClassification
 from .modeling_outputs import DE3EarlyExitOutput, DE3SequenceClassifierOutput
 from .objectives import TrainingObjective, register_training_objective
+from .simulation import SimulatedExits, layer_speedup, simulate_policy
 from .trainer import DE3Trainer, DE3TrainingArguments
 
 

@@ -7,7 +7,8 @@ from scipy.stats import spearmanr
 
 from .calibration import TradeoffPoint, tradeoff_curve
 from .evaluation import ExitSignals, MetricFn
-from .exit_policies import ExitPolicy, get_exit_policy, simulate_first_exits
+from .exit_policies import ExitPolicy, get_exit_policy
+from .simulation import simulate_first_exits
 from .plots import plot_exit_histograms, plot_policy_comparison
 from .signals import hybrid_indicator
 

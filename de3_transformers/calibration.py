@@ -1,4 +1,4 @@
-"""Calibration of an exit policy for a target layer speed-up (METHOD.md section 6), from one full-depth pass.
+"""Calibration of an exit policy for a target layer speed-up (docs/method.md section 6), from one full-depth pass.
 
 The signals of every exit (logits, entropy, distance ratio, learning-to-exit scores) are collected once
 (`evaluation.collect_exit_signals`); every candidate threshold (or patience) is then replayed on them with the same
@@ -17,7 +17,8 @@ from transformers.utils import logging
 
 from .configuration_de3 import check_exit_parameters
 from .evaluation import ExitSignals, MetricFn, collect_exit_signals, evaluate_early_exit
-from .exit_policies import EXIT_POLICIES, ExitPolicy, get_exit_policy, layer_speedup, simulate_first_exits
+from .exit_policies import EXIT_POLICIES, ExitPolicy, get_exit_policy
+from .simulation import layer_speedup, simulate_first_exits
 
 
 logger = logging.get_logger(__name__)
@@ -28,7 +29,7 @@ _CHUNK_ELEMENTS = 1 << 23
 
 @dataclass
 class TradeoffPoint:
-    """Early exit with one setting of a policy: layer speed-up (METHOD.md eq. 12), accuracy and `metric_fn`'s
+    """Early exit with one setting of a policy: layer speed-up (docs/method.md eq. 12), accuracy and `metric_fn`'s
     metrics, on the data the signals came from.
 
     `threshold` and `lam` are the policy's (None / 0 when it has none); `parameters` holds all of them (`patience`
@@ -141,7 +142,7 @@ def tradeoff_curve(
 
     Args:
         signals: from [`collect_exit_signals`].
-        lam: EDR's lambda for the `de3` policy (METHOD.md eq. 11; default 1); 0 exits on entropy alone.
+        lam: EDR's lambda for the `de3` policy (docs/method.md eq. 11; default 1); 0 exits on entropy alone.
         thresholds: the values of the policy's swept parameter to try (thresholds; patiences for `patience`);
             defaults to [`sweep_candidates`] (1x up to the largest speed-up).
         metric_fn: `(predicted class ids, labels) -> {name: value}`, numpy arrays, for metrics beside accuracy
@@ -253,11 +254,11 @@ def calibrate(
 
     One full-depth pass collects the exit signals (skipped when `signals` is given); the swept value (threshold, or
     patience for `patience`) is the first of [`tradeoff_curve`], from the fewest early exits, whose layer speed-up
-    (METHOD.md eq. 12) is at least `target_speedup`. With `lam_grid` (DE3) or `patience_grid` (`patient_confident`)
+    (docs/method.md eq. 12) is at least `target_speedup`. With `lam_grid` (DE3) or `patience_grid` (`patient_confident`)
     this is done for each value and the one with the best accuracy at the target is kept (ties: the larger
     speed-up, then the earlier value of the grid).
 
-    Calibrate on held-out data and report on data the calibration did not see (METHOD.md section 6).
+    Calibrate on held-out data and report on data the calibration did not see (docs/method.md section 6).
 
     Args:
         model: a DE3 model.

@@ -35,13 +35,13 @@ class DE3ConfigMixin:
             with the last layer, which always answers. Defaults to every layer.
         exit_pooling (`str`, *optional*, defaults to `"first"`):
             What the shared pooler (dense + tanh) of every exit reads: `"first"`, the first token as BERT's own
-            pooler (METHOD.md section 1), or `"mean"`, the mean of the attended tokens. `"mean"` is for backbones
+            pooler (docs/method.md section 1), or `"mean"`, the mean of the attended tokens. `"mean"` is for backbones
             trained with mean pooling, such as sentence-transformers checkpoints, whose first token carries little
             sentence information in early layers.
         proto_dim (`int`, *optional*):
             Output size of the prototypical networks `g_m`. Defaults to `hidden_size`.
         prototype_momentum (`float`, *optional*, defaults to 0.5):
-            `gamma` of the sliding-average prototype update (METHOD.md eq. 1), in (0, 1].
+            `gamma` of the sliding-average prototype update (docs/method.md eq. 1), in (0, 1].
         distance (`str`, *optional*, defaults to `"cosine"`):
             `"cosine"` (`1 - cos`) or `"euclidean"`; used by both the DAR loss and the exit signal.
         dar_type (`str`, *optional*, defaults to `"center"`):
@@ -56,8 +56,8 @@ class DE3ConfigMixin:
         early_exit_lambda (`float`, *optional*, defaults to 1.0):
             Default `lam` of `predict_early` (eq. 11); 0 exits on entropy alone.
         early_exit_policy (`str`, *optional*, defaults to `"de3"`):
-            Default `policy` of `predict_early`: a name of `de3_transformers.exit_policies.EXIT_POLICIES` (METHOD.md
-            section 3). Calibration stores the policy it calibrated here.
+            Default `policy` of `predict_early`: a name of `de3_transformers.exit_policies.EXIT_POLICIES`
+            (docs/method.md section 3). Calibration stores the policy it calibrated here.
         early_exit_patience (`int`, *optional*, defaults to 2):
             Default `patience` of the `"patience"` (PABEE) and `"patient_confident"` (PCEE-BERT) policies.
         learning_to_exit (`bool`, *optional*, defaults to `False`):
@@ -65,7 +65,7 @@ class DE3ConfigMixin:
             with MSE against whether that exit's prediction is right; the `"learned"` policy reads it.
         training_objective (`str`, *optional*, defaults to `"de3"`):
             The loss of `forward` with labels; `dar_alpha` times DAR is added to each (0 leaves DAR out).
-            `"de3"`: depth-weighted cross-entropy at every exit (METHOD.md section 2). `"cosee"`: COSEE's sample
+            `"de3"`: depth-weighted cross-entropy at every exit (docs/method.md section 2). `"cosee"`: COSEE's sample
             weighting and online signal calibration (section 4). `"mpee"`: cross-entropy at every exit plus MPEE's
             weighted ensemble self-distillation (section 5); pair it with `token_exit_ratio` and `exit_memory`.
         cosee_signal (`str`, *optional*, defaults to `"energy"`):
@@ -221,7 +221,9 @@ class DE3ConfigMixin:
                 f"{training_objective_names()}."
             )
         if self.cosee_signal not in COSEE_SIGNAL_NAMES:
-            raise ValueError(f"cosee_signal={self.cosee_signal!r} is unknown; choose one of {list(COSEE_SIGNAL_NAMES)}.")
+            raise ValueError(
+                f"cosee_signal={self.cosee_signal!r} is unknown; choose one of {list(COSEE_SIGNAL_NAMES)}."
+            )
         check_number("cosee_num_thresholds", self.cosee_num_thresholds, low=1, integer=True)
         for name in ("cosee_beta", "cosee_alpha", "cosee_margin"):
             check_number(name, getattr(self, name), low=0.0)

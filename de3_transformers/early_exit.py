@@ -1,4 +1,4 @@
-"""The encoder loop of a DE3 model, shared by `forward` and `predict_early` (METHOD.md sections 1, 2 and 5).
+"""The encoder loop of a DE3 model, shared by `forward` and `predict_early` (docs/method.md sections 1, 2 and 5).
 
 A [`RunningBatch`] holds what the rows still running need between layers: hidden states, the attention mask in
 both forms, MPEE's token-exit state and carried exit logits and, in early exit, which sample each row is. One layer
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from .exit_policies import ExitPolicy, ExitView, layer_speedup
+from .exit_policies import ExitPolicy, ExitView
+from .simulation import layer_speedup
 from .modeling_outputs import DE3EarlyExitOutput
 from .signals import distance_ratio
 from .token_exit import class_attention, prune_tokens, running_average
@@ -31,7 +32,7 @@ COMPACTION_MULTIPLE = 8
 
 @dataclass
 class TokenExitState:
-    """MPEE's token exit (METHOD.md section 5) of the running rows: each token's importance (the paper's
+    """MPEE's token exit (docs/method.md section 5) of the running rows: each token's importance (the paper's
     class-attention memory `A_m`, `None` before the first layer) and whether the last slot is a fusion token."""
 
     importance: torch.Tensor | None = None
@@ -84,7 +85,8 @@ class ExitOutputs(NamedTuple):
     scores: torch.Tensor | None
 
 
-def start_batch(model, input_ids, attention_mask, token_type_ids, position_ids=None, inputs_embeds=None) -> RunningBatch:
+def start_batch(model, input_ids, attention_mask, token_type_ids, position_ids=None,
+                inputs_embeds=None) -> RunningBatch:
     """The embeddings of the inputs, as the batch the first layer runs on."""
     config = model.config
     hidden = model.backbone.embeddings(
@@ -131,7 +133,7 @@ def run_layer(config, layer_number: int, layer: nn.Module, batch: RunningBatch) 
 
 def run_exit(model, exit_index: int, batch: RunningBatch, features: bool = True, scores: bool = True) -> ExitOutputs:
     """The outputs of exit `exit_index` on `batch`; its logits are carried into the next exit (MPEE's exit
-    classifier memory, METHOD.md section 5; with `exit_memory=1` each exit keeps its own logits)."""
+    classifier memory, docs/method.md section 5; with `exit_memory=1` each exit keeps its own logits)."""
     outputs = model.exit_head(exit_index, batch.hidden, batch.token_mask, features, scores)
     logits = batch.carried_logits = running_average(batch.carried_logits, outputs.logits, model.config.exit_memory)
     return outputs._replace(logits=logits)

@@ -1,5 +1,5 @@
 """One full-depth pass over labelled data, kept as [`ExitSignals`] for calibration and analysis, and the measurement
-of early exit for real with `predict_early` (METHOD.md section 6)."""
+of early exit for real with `predict_early` (docs/method.md section 6)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,7 +9,8 @@ import torch
 
 from .batching import labelled_batches, progress
 from .early_exit import eval_mode
-from .exit_policies import ExitPolicy, build_exit_policy, exit_views, layer_speedup
+from .exit_policies import ExitPolicy, build_exit_policy
+from .simulation import exit_views, layer_speedup
 from .flops import FlopsCounter
 
 

@@ -1,11 +1,11 @@
-"""Exit policies (METHOD.md sections 2 and 3): the rule that decides, exit by exit, which samples leave.
+"""Exit policies (docs/method.md sections 2 and 3): the rule that decides, exit by exit, which samples leave.
 
 A policy sees one exit at a time through an [`ExitView`] and answers with a bool per sample; stateful policies
 (patience) carry a per-sample state from exit to exit. The same policy object drives both
 
 - `predict_early`, which runs the layers and drops the samples that left (the state is compacted with them), and
-- [`simulate_policy`], which replays the rule on the stored outputs of one full forward; there every parameter may
-  be a tensor `[T, 1]`, so `T` thresholds are replayed at once (results `[T, N]`).
+- `simulation.simulate_policy`, which replays the rule on the stored outputs of one full forward; there every
+  parameter may be a tensor `[T, 1]`, so `T` thresholds are replayed at once (results `[T, N]`).
 
 Built-in policies: `de3` (EDR), `entropy` (DeeBERT), `max_prob`, `energy` (COSEE), `patience` (PABEE),
 `patient_confident` (PCEE-BERT), `learned` (BERxiT) and `oracle` (needs labels). To add one, subclass
@@ -27,7 +27,6 @@ register it with [`register_exit_policy`]:
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,7 +45,7 @@ class ExitView:
         exit_index: position of the exit in `config.exit_layers` (0-based).
         layer: encoder layer of the exit (1..M).
         logits: `[N, K]`.
-        entropy: `[N]` normalised entropy (METHOD.md eq. 8); computed from `logits` when not given.
+        entropy: `[N]` normalised entropy (docs/method.md eq. 8); computed from `logits` when not given.
         distance_ratio: `[N]` DE3 distance ratio (eq. 10), given to policies with `needs_distance_ratio`.
         exit_scores: `[N]` BERxiT learning-to-exit scores in [0, 1], given to policies with `needs_exit_scores`.
         labels: `[N]` gold class ids, given to policies with `needs_labels` (the oracle).
@@ -187,7 +186,7 @@ class ThresholdPolicy(ExitPolicy):
 
 @dataclass
 class DE3Policy(ThresholdPolicy):
-    """DE3-BERT (METHOD.md eq. 11): exit when `EDR < threshold`; `lam = 0` is plain entropy."""
+    """DE3-BERT (docs/method.md eq. 11): exit when `EDR < threshold`; `lam = 0` is plain entropy."""
 
     name: ClassVar[str] = "de3"
     lam: float | torch.Tensor = 1.0
@@ -211,7 +210,7 @@ class DE3Policy(ThresholdPolicy):
 
 @dataclass
 class EntropyPolicy(ThresholdPolicy):
-    """DeeBERT: exit when the normalised entropy `E < threshold` (METHOD.md eq. 8)."""
+    """DeeBERT: exit when the normalised entropy `E < threshold` (docs/method.md eq. 8)."""
 
     name: ClassVar[str] = "entropy"
     threshold_minimum: ClassVar[float] = 0.0
@@ -222,7 +221,7 @@ class EntropyPolicy(ThresholdPolicy):
 
 @dataclass
 class MaxProbPolicy(ThresholdPolicy):
-    """Exit when the largest class probability `max_k p_k > threshold`."""
+    """Exit when the largest class probability `max_k p_k > threshold` (docs/method.md section 3)."""
 
     name: ClassVar[str] = "max_prob"
     threshold: float | torch.Tensor = 1.0
@@ -234,7 +233,8 @@ class MaxProbPolicy(ThresholdPolicy):
 
 @dataclass
 class EnergyPolicy(ThresholdPolicy):
-    """COSEE / E-LANG: exit when the normalised energy `sigmoid(-logsumexp(logits)) < threshold`."""
+    """COSEE / E-LANG: exit when the normalised energy `sigmoid(-logsumexp(logits)) < threshold` (docs/method.md
+    section 3)."""
 
     name: ClassVar[str] = "energy"
     threshold_minimum: ClassVar[float] = 0.0
@@ -245,7 +245,8 @@ class EnergyPolicy(ThresholdPolicy):
 
 @dataclass
 class LearnedPolicy(ThresholdPolicy):
-    """BERxiT: exit when the learning-to-exit head's score `> threshold` (needs `config.learning_to_exit`)."""
+    """BERxiT (docs/method.md section 3.1): exit when the learning-to-exit head's score `> threshold` (needs
+    `config.learning_to_exit`)."""
 
     name: ClassVar[str] = "learned"
     threshold: float | torch.Tensor = 1.0
@@ -260,7 +261,8 @@ class LearnedPolicy(ThresholdPolicy):
 
 @dataclass
 class PatiencePolicy(ExitPolicy):
-    """PABEE: exit once the predicted class has stayed the same for `patience` consecutive exits (0: at once)."""
+    """PABEE (docs/method.md section 3): exit once the predicted class has stayed the same for `patience` consecutive
+    exits (0: at once)."""
 
     name: ClassVar[str] = "patience"
     sweep: ClassVar[str] = "patience"
@@ -286,7 +288,7 @@ class PatiencePolicy(ExitPolicy):
 
 @dataclass
 class PatientConfidentPolicy(ExitPolicy):
-    """PCEE-BERT: exit once `patience` consecutive exits each had entropy `E < threshold`."""
+    """PCEE-BERT (docs/method.md section 3): exit once `patience` consecutive exits each had entropy `E < threshold`."""
 
     name: ClassVar[str] = "patient_confident"
     threshold: float | torch.Tensor = 0.0
@@ -313,7 +315,8 @@ class PatientConfidentPolicy(ExitPolicy):
 
 @dataclass
 class OraclePolicy(ExitPolicy):
-    """Exit at the first exit whose prediction is right (else at the top): the upper bound, for analysis only."""
+    """Exit at the first exit whose prediction is right (else at the top): the upper bound, for analysis only
+    (docs/method.md section 3.2)."""
 
     name: ClassVar[str] = "oracle"
     sweep: ClassVar[None] = None
@@ -401,96 +404,6 @@ def build_exit_policy(
     )
 
 
-def simulate_first_exits(policy: ExitPolicy, views: list[ExitView]) -> torch.Tensor:
-    """Index of the exit each sample leaves at, replaying `policy` on the `views` of the exits below the top (all
-    samples of a full forward); `len(views)` (the top exit) for samples that never leave early.
-
-    Returns `[N]`, or `[T, N]` when a parameter of `policy` is a `[T, 1]` tensor.
-    """
-    num_samples = views[0].logits.shape[0] if views else 0
-    state = policy.start(num_samples, views[0].logits.device) if views else None
-    first = torch.full((num_samples,), len(views), dtype=torch.long)
-    left = torch.zeros(num_samples, dtype=torch.bool)
-    for index, view in enumerate(views):
-        leave, state = policy.decide(view, state)
-        leave = leave.cpu()
-        first = torch.where(leave & ~left, index, first)
-        left = left | leave
-    return first
-
-
-@dataclass
-class SimulatedExits:
-    """What early exit would return, computed from a full forward."""
-
-    logits: torch.Tensor  # [B, K], of the exit each sample left at
-    sample_exit_layers: torch.Tensor  # [B], encoder layer (1..M) of that exit
-    speedup: float  # METHOD.md eq. 12
-
-    @property
-    def exit_layers(self) -> torch.Tensor:
-        """Deprecated alias of `sample_exit_layers` (removed in 0.3)."""
-        warnings.warn("SimulatedExits.exit_layers is deprecated; use sample_exit_layers.", FutureWarning, stacklevel=2)
-        return self.sample_exit_layers
-
-
-def layer_speedup(exit_layers: torch.Tensor, num_layers: int) -> float:
-    """Layer speed-up `M * N / sum_n exit_layer_n` (METHOD.md eq. 12)."""
-    return num_layers * exit_layers.numel() / exit_layers.sum().item()
-
-
-def exit_views(
-    exit_logits: torch.Tensor,
-    exit_layers: list[int],
-    entropy: torch.Tensor | None = None,
-    distance_ratio: torch.Tensor | None = None,
-    exit_scores: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-) -> list[ExitView]:
-    """One [`ExitView`] per exit below the top, from the stacked outputs of a full forward (`[num_exits, N, ...]`
-    logits, `[num_exits - 1, N]` signals)."""
-    return [
-        ExitView(
-            exit_index=index,
-            layer=exit_layers[index],
-            logits=exit_logits[index],
-            entropy=None if entropy is None else entropy[index],
-            distance_ratio=None if distance_ratio is None else distance_ratio[index],
-            exit_scores=None if exit_scores is None else exit_scores[index],
-            labels=labels,
-        )
-        for index in range(exit_logits.shape[0] - 1)
-    ]
-
-
-def simulate_policy(
-    policy: ExitPolicy,
-    exit_logits: torch.Tensor,
-    exit_layers: list[int],
-    entropy: torch.Tensor | None = None,
-    distance_ratio: torch.Tensor | None = None,
-    exit_scores: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-) -> SimulatedExits:
-    """Replays `predict_early(policy=policy)` on the outputs of `model(..., output_exit_signals=True)`.
-
-    Args:
-        policy: an [`ExitPolicy`] (see [`get_exit_policy`]).
-        exit_logits: `[num_exits, N, K]`.
-        exit_layers: the encoder layer of each exit (`config.exit_layers`); the last is `M`.
-        entropy, distance_ratio, exit_scores: `[num_exits - 1, N]`, as the forward returns them.
-        labels: `[N]`, for the oracle.
-
-    Raises:
-        ValueError: when the policy needs a signal that was not given.
-    """
-    views = exit_views(exit_logits, exit_layers, entropy, distance_ratio, exit_scores, labels)
-    first = simulate_first_exits(policy, views).to(exit_logits.device)
-    batch = torch.arange(first.numel(), device=first.device)
-    layers = torch.tensor(exit_layers, device=first.device)[first]
-    return SimulatedExits(exit_logits[first, batch], layers, layer_speedup(layers, exit_layers[-1]))
-
-
 __all__ = [
     "DE3Policy",
     "EXIT_POLICIES",
@@ -503,14 +416,9 @@ __all__ = [
     "OraclePolicy",
     "PatiencePolicy",
     "PatientConfidentPolicy",
-    "SimulatedExits",
     "ThresholdPolicy",
     "build_exit_policy",
-    "exit_views",
     "get_exit_policy",
-    "layer_speedup",
     "register_exit_policy",
     "select_rows",
-    "simulate_first_exits",
-    "simulate_policy",
 ]

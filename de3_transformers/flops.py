@@ -1,4 +1,4 @@
-"""FLOPs accounting of early exit (METHOD.md section 6): what the backbone layers, the exit heads and the exit
+"""FLOPs accounting of early exit (docs/method.md section 6): what the backbone layers, the exit heads and the exit
 decisions cost, per sample, so a speed-up can be given in FLOPs beside the layer count.
 
 Counted (a multiply-add is 2 FLOPs; biases, LayerNorm, softmax, activations and the embedding lookup are left out,
@@ -29,7 +29,8 @@ from .token_exit import token_lengths
 
 @dataclass(frozen=True)
 class FlopsCounter:
-    """The sizes that set the cost of a multi-exit model; build it with [`FlopsCounter.from_config`]."""
+    """The sizes that set the cost of a multi-exit model (docs/method.md section 6.2); build it with
+    [`FlopsCounter.from_config`]."""
 
     hidden_size: int
     intermediate_size: int

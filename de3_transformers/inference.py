@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .batching import pad_rows, progress
-from .exit_policies import layer_speedup
+from .simulation import layer_speedup
 from .modeling_outputs import DE3EarlyExitOutput
 
 

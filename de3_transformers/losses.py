@@ -1,5 +1,5 @@
 """DE3-BERT training objective: distance-aware regularisation and the layer-weighted total loss
-(METHOD.md section 2, eqs. 2-7)."""
+(docs/method.md section 2, eqs. 2-7)."""
 
 from dataclasses import dataclass
 
@@ -19,7 +19,7 @@ def distance_aware_regularization(
     dar_type: str,
     beta: float,
 ) -> torch.Tensor:
-    """DAR of every exit below the top, prototypes detached.
+    """DAR of every exit below the top, prototypes detached (docs/method.md section 2.4, eqs. 2-4).
 
     Args:
         features: `[E, B, P]` prototypical network outputs of the `E = num_exits - 1` exits below the top.
@@ -80,8 +80,8 @@ def layer_weighted_loss(
     exit_logits: torch.Tensor, labels: torch.Tensor, dar: torch.Tensor, exit_layers: list[int]
 ) -> DE3LossParts:
     """The parts of the DE3 loss `sum_m m * L^(m) / sum_m m` with `L^(m) = CE^(m) + alpha * DAR^(m)` below the top and
-    `L^(M) = CE^(M)` (METHOD.md eqs. 5-7), each weighted by depth: the total is `ce_loss + alpha * dar_loss`. `m` is
-    the encoder layer the exit sits on.
+    `L^(M) = CE^(M)` (docs/method.md eqs. 5-7), each weighted by depth: the total is `ce_loss + alpha * dar_loss`. `m`
+    is the encoder layer the exit sits on.
 
     Args:
         exit_logits: `[num_exits, B, K]`.
@@ -98,8 +98,8 @@ def layer_weighted_loss(
 
 
 def learning_to_exit_loss(exit_scores: torch.Tensor, exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BERxiT's learning-to-exit loss (METHOD.md section 3): mean over the exits below the top of the MSE between each
-    exit's score and whether its prediction is right (1) or wrong (0).
+    """BERxiT's learning-to-exit loss (docs/method.md section 3): mean over the exits below the top of the MSE between
+    each exit's score and whether its prediction is right (1) or wrong (0).
 
     Args:
         exit_scores: `[num_exits - 1, B]` in [0, 1].
@@ -112,7 +112,7 @@ def learning_to_exit_loss(exit_scores: torch.Tensor, exit_logits: torch.Tensor, 
     return F.mse_loss(exit_scores.float(), correct)
 
 
-# COSEE (METHOD.md section 4, paper 002)
+# COSEE (docs/method.md section 4, paper 002)
 
 # Signal name (`configuration_de3.COSEE_SIGNAL_NAMES`) -> (function of the logits, whether a sample exits when the
 # signal is *below* the threshold).
@@ -124,8 +124,9 @@ COSEE_SIGNALS = {
 
 
 class COSEEState:
-    """What COSEE carries from step to step: the training progress `t / T` (it scales `beta_t`) and the exit-signal
-    range of the previous epoch (the thresholds are drawn from it; [0, 1] in the first epoch).
+    """What COSEE carries from step to step (docs/method.md section 4.2): the training progress `t / T` (it scales
+    `beta_t`) and the exit-signal range of the previous epoch (the thresholds are drawn from it; [0, 1] in the first
+    epoch).
 
     `DE3Trainer` keeps it up to date. In a hand-written loop set `progress` each step and call `end_epoch()` after each
     epoch (outside training `progress` stays 1: the full `beta_0`).
@@ -160,9 +161,9 @@ class COSEEState:
 def cosee_sample_weights(
     signals: torch.Tensor, thresholds: torch.Tensor, exit_layers: list[int], beta: float, exits_below: bool = True
 ) -> torch.Tensor:
-    """COSEE's loss weights (paper 002 eq. 3): `w_n^(m) = softmax_m(-beta |m - m*_n|)` for each threshold, where
-    `m*_n` is the exit sample `n` would leave at (the first exit below the top whose signal passes the threshold, else
-    the top) and `m` counts encoder layers (`exit_layers`).
+    """COSEE's loss weights (docs/method.md section 4.1; COSEE eq. 3): `w_n^(m) = softmax_m(-beta |m - m*_n|)` for each
+    threshold, where `m*_n` is the exit sample `n` would leave at (the first exit below the top whose signal passes the
+    threshold, else the top) and `m` counts encoder layers (`exit_layers`).
 
     Args:
         signals: `[E - 1, N]` exit signals of the exits below the top.
@@ -188,7 +189,7 @@ def cosee_sample_weights(
 def online_signal_calibration(
     signals: torch.Tensor, correct: torch.Tensor, margin: float, exits_below: bool = True
 ) -> torch.Tensor:
-    """COSEE's OSC loss (paper 002 eqs. 6-8): the mean over the exits below the top of
+    """COSEE's OSC loss (docs/method.md section 4.3; COSEE eqs. 6-8): the mean over the exits below the top of
     `max(0, mean S_easy - mean S_hard + margin)` (hard minus easy for signals that grow with confidence), where the
     exit's easy samples are those it classifies right. An exit with no easy or no hard sample in the batch adds 0.
 
@@ -209,7 +210,8 @@ def online_signal_calibration(
 
 @dataclass
 class COSEELossParts:
-    """`ce_loss + alpha * osc_loss` of COSEE (paper 002 eq. 9), and the exit signals they were computed from."""
+    """`ce_loss + alpha * osc_loss` of COSEE (docs/method.md section 4.4; COSEE eq. 9), and the exit signals they were
+    computed from."""
 
     ce_loss: torch.Tensor
     osc_loss: torch.Tensor
@@ -225,8 +227,8 @@ def cosee_loss(
     margin: float,
     signal: str = "energy",
 ) -> COSEELossParts:
-    """COSEE's classification loss (eqs. 2 and 5: the sample-weighted cross-entropy, averaged over the thresholds)
-    and its OSC loss.
+    """COSEE's classification loss (docs/method.md section 4.1; COSEE eqs. 2 and 5: the sample-weighted cross-entropy,
+    averaged over the thresholds) and its OSC loss.
 
     Args:
         exit_logits: `[E, N, K]`.
@@ -249,12 +251,12 @@ def cosee_loss(
     return COSEELossParts(ce_loss, online_signal_calibration(signals, correct, margin, exits_below), signals)
 
 
-# MPEE (METHOD.md section 5, paper 004)
+# MPEE (docs/method.md section 5, paper 004)
 
 
 class ExitEnsembleTeacher(nn.Module):
-    """MPEE's attention over exits (paper 004 eq. 12): `eta_l = softmax_l(V^T tanh(W C_zm^l + b))`, teacher
-    `t = sum_l eta_l C_zm^l`."""
+    """MPEE's attention over exits (docs/method.md section 5.5; MPEE eq. 12): `eta_l = softmax_l(V^T tanh(W C_zm^l +
+    b))`, teacher `t = sum_l eta_l C_zm^l`."""
 
     def __init__(self, num_labels: int, attention_size: int = 64):  # the paper does not give the size
         super().__init__()
@@ -268,7 +270,7 @@ class ExitEnsembleTeacher(nn.Module):
 
 
 def self_distillation_loss(exit_logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MPEE's weighted ensemble self-distillation (paper 004 eq. 13):
+    """MPEE's weighted ensemble self-distillation (docs/method.md section 5.5; MPEE eq. 13):
     `sum_l tau^2 KL(softmax(C_zm^l / tau) || softmax(t / tau))`, averaged over the batch.
 
     Args:
@@ -282,8 +284,8 @@ def self_distillation_loss(exit_logits: torch.Tensor, teacher: torch.Tensor, tem
 
 
 def joint_cross_entropy(exit_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """MPEE's classification loss (paper 004 eq. 11): the cross-entropy of every exit, summed over exits and
-    averaged over the batch."""
+    """MPEE's classification loss (docs/method.md section 5.5; MPEE eq. 11): the cross-entropy of every exit, summed
+    over exits and averaged over the batch."""
     return per_exit_cross_entropy(exit_logits, labels).mean(dim=1).sum()
 
 

@@ -22,7 +22,7 @@ from .objectives import get_training_objective
 TEMPLATE = "model_card_template.md"
 TAGS = ["de3-transformers", "early-exit", "text-classification"]
 TASK_TYPE = "text-classification"
-# The layer speed-ups (METHOD.md eq. 12) whose nearest calibration-curve points make the trade-off table.
+# The layer speed-ups (docs/method.md eq. 12) whose nearest calibration-curve points make the trade-off table.
 TRADEOFF_SPEEDUPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 CALIBRATION_FIELDS = ("threshold", "lam", "target_speedup", "speedup", "accuracy", "full_accuracy", "metrics", "curve")
 EVAL_SETTINGS = ("full_model", "early_exit")

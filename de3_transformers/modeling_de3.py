@@ -1,4 +1,4 @@
-"""DE3 early-exit sequence classifiers for BERT and RoBERTa (METHOD.md sections 1 and 2).
+"""DE3 early-exit sequence classifiers for BERT and RoBERTa (docs/method.md sections 1 and 2).
 
 The backbone is reused as it is (`BertModel` / `RobertaModel`, by composition); this module wires what DE3 adds to
 it: an exit after each layer of `config.exit_layers`, one prototypical network per exit below the top, the class
@@ -14,7 +14,16 @@ from transformers import initialization as init
 
 from .checkpoints import DE3CheckpointMixin
 from .configuration_de3 import DE3BertConfig, DE3RobertaConfig
-from .early_exit import ExitOutputs, check_policy, encoder_steps, eval_mode, run_early_exit, run_exit, run_layer, start_batch
+from .early_exit import (
+    ExitOutputs,
+    check_policy,
+    encoder_steps,
+    eval_mode,
+    run_early_exit,
+    run_exit,
+    run_layer,
+    start_batch,
+)
 from .exit_policies import ExitPolicy, build_exit_policy
 from .input_checks import check_inputs, check_labels
 from .losses import distance_aware_regularization, layer_weighted_loss, learning_to_exit_loss
@@ -68,7 +77,7 @@ class DE3ModelMixin(DE3CheckpointMixin):
             init.zeros_(module.initialized)
 
     def pool(self, hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        """`z^(m)`: the backbone's shared pooler on the first token (METHOD.md section 1), or on the mean of the
+        """`z^(m)`: the backbone's shared pooler on the first token (docs/method.md section 1), or on the mean of the
         attended tokens with `exit_pooling="mean"`."""
         pooler = self.backbone.pooler
         if self.config.exit_pooling == "first":
@@ -83,7 +92,7 @@ class DE3ModelMixin(DE3CheckpointMixin):
     def exit_head(self, exit_index: int, hidden: torch.Tensor, token_mask: torch.Tensor | None,
                   features: bool = True, scores: bool = True) -> ExitOutputs:
         """Logits, prototypical features and learning-to-exit scores of one exit on the hidden states after its
-        layer (METHOD.md sections 1-3). Features and scores are `None` at the last exit, when not asked for, and
+        layer (docs/method.md sections 1-3). Features and scores are `None` at the last exit, when not asked for, and
         scores without learning-to-exit heads."""
         pooled = self.pool(hidden, token_mask)
         if exit_index == self.config.num_exits - 1:
@@ -141,12 +150,13 @@ class DE3ModelMixin(DE3CheckpointMixin):
             if exit_index is not None:
                 exits.append(run_exit(self, exit_index, batch))
         exit_logits = torch.stack([outputs.logits for outputs in exits])
-        features = [outputs.features for outputs in exits[:-1]]
-        features = torch.stack(features) if features else exit_logits.new_zeros(0, exit_logits.shape[1], config.proto_dim)
-        scores = None
+        below_top, batch_size = exits[:-1], exit_logits.shape[1]  # the top exit has no features or scores
+        features, scores = exit_logits.new_zeros(0, batch_size, config.proto_dim), None
         if config.learning_to_exit:
-            scores = [outputs.scores for outputs in exits[:-1]]
-            scores = torch.stack(scores) if scores else exit_logits.new_zeros(0, exit_logits.shape[1])
+            scores = exit_logits.new_zeros(0, batch_size)
+        if below_top:
+            features = torch.stack([outputs.features for outputs in below_top])
+            scores = torch.stack([outputs.scores for outputs in below_top]) if config.learning_to_exit else None
 
         output = DE3SequenceClassifierOutput(
             logits=exit_logits[-1], exit_logits=exit_logits, hidden_states=tuple(all_hidden) if all_hidden else None
@@ -169,7 +179,7 @@ class DE3ModelMixin(DE3CheckpointMixin):
         return output if return_dict else output.to_tuple()
 
     def _add_loss(self, output, features, scores, labels, output_exit_signals) -> None:
-        """Sets `output.loss`: the objective's loss plus `dar_alpha` times DAR (METHOD.md eq. 7) plus, with
+        """Sets `output.loss`: the objective's loss plus `dar_alpha` times DAR (docs/method.md eq. 7) plus, with
         learning-to-exit heads, their MSE; with `output_exit_signals` also each part, detached."""
         config, memory, exit_logits = self.config, self.prototype_memory, output.exit_logits
         # Cloned: prototypes and mask are updated in place after the loss, once autograd has saved them for backward.
@@ -253,7 +263,8 @@ class DE3BertForSequenceClassification(DE3ModelMixin, BertPreTrainedModel):
 class DE3RobertaForSequenceClassification(DE3ModelMixin, RobertaPreTrainedModel):
     """RoBERTa with an exit after every layer of `config.exit_layers` and DE3 prototypes ([`DE3RobertaConfig`]).
 
-    The exits read RoBERTa's own pooler (dense + tanh on `<s>`), the same head shape as BERT's (METHOD.md section 1).
+    The exits read RoBERTa's own pooler (dense + tanh on `<s>`), the same head shape as BERT's (docs/method.md section
+    1).
     """
 
     config_class = DE3RobertaConfig

@@ -15,7 +15,7 @@ class DE3SequenceClassifierOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, returned when `labels` is given):
-            Layer-weighted DE3 loss, `ce_loss + dar_alpha * dar_loss` (METHOD.md eq. 7).
+            Layer-weighted DE3 loss, `ce_loss + dar_alpha * dar_loss` (docs/method.md eq. 7).
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             Logits of the last exit (the ordinary classifier).
         exit_logits (`torch.FloatTensor` of shape `(num_exits, batch_size, num_labels)`):
@@ -68,7 +68,7 @@ class DE3EarlyExitOutput(ModelOutput):
             Encoder layer (1..`num_hidden_layers`) each sample left at. (`config.exit_layers` are the layers that
             carry an exit.)
         speedup (`float`):
-            Layer speed-up over the batch, `M * N / sum(sample_exit_layers)` (METHOD.md eq. 12).
+            Layer speed-up over the batch, `M * N / sum(sample_exit_layers)` (docs/method.md eq. 12).
     """
 
     logits: torch.FloatTensor | None = None

@@ -1,4 +1,4 @@
-"""Training objectives (METHOD.md sections 2, 4 and 5), registered by name the way exit policies are.
+"""Training objectives (docs/method.md sections 2, 4 and 5), registered by name the way exit policies are.
 
 An objective is everything `config.training_objective` changes: the modules and training state it adds to the model
 (`build`), its loss (`loss`), the names of the loss parts it reports (`loss_parts`, fields of
@@ -44,7 +44,7 @@ class TrainingObjective:
     def loss(self, model, exit_logits: torch.Tensor, labels: torch.Tensor,
              layer_weighted_ce: torch.Tensor) -> ObjectiveLoss:
         """The loss of a labelled batch from the logits of every exit `[num_exits, B, K]`; `layer_weighted_ce` is the
-        DE3 depth-weighted cross-entropy (METHOD.md eq. 7), computed anyway for the DAR weights."""
+        DE3 depth-weighted cross-entropy (docs/method.md eq. 7), computed anyway for the DAR weights."""
         raise NotImplementedError
 
     def callbacks(self) -> list[TrainerCallback]:
@@ -53,7 +53,7 @@ class TrainingObjective:
 
 
 class DE3Objective(TrainingObjective):
-    """DE3-BERT (METHOD.md section 2): cross-entropy at every exit, weighted by depth."""
+    """DE3-BERT (docs/method.md section 2): cross-entropy at every exit, weighted by depth."""
 
     name = "de3"
     card_description = (
@@ -66,7 +66,7 @@ class DE3Objective(TrainingObjective):
 
 
 class COSEEObjective(TrainingObjective):
-    """COSEE (METHOD.md section 4): each sample's cross-entropy weighted towards the exits it would leave at under
+    """COSEE (docs/method.md section 4): each sample's cross-entropy weighted towards the exits it would leave at under
     randomly drawn thresholds, plus `cosee_alpha` times the online signal calibration loss."""
 
     name = "cosee"
@@ -96,7 +96,7 @@ class COSEEObjective(TrainingObjective):
 
 
 class MPEEObjective(TrainingObjective):
-    """MPEE (METHOD.md section 5): cross-entropy at every exit, summed, plus weighted ensemble self-distillation.
+    """MPEE (docs/method.md section 5): cross-entropy at every exit, summed, plus weighted ensemble self-distillation.
     Token exit and the exit classifier memory are config options of the model (`token_exit_ratio`, `exit_memory`)."""
 
     name = "mpee"
@@ -117,7 +117,7 @@ class MPEEObjective(TrainingObjective):
 
 
 class COSEECallback(TrainerCallback):
-    """Keeps a COSEE model's training state current (METHOD.md section 4): the progress `t / T` that warms up
+    """Keeps a COSEE model's training state current (docs/method.md section 4): the progress `t / T` that warms up
     `beta_t`, and at the end of each epoch the exit-signal range the next epoch draws its thresholds from, merged over
     every process under DDP so that all of them draw from the same range."""
 

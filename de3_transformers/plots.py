@@ -13,7 +13,7 @@ def plot_tradeoff(curves: dict[str, list], path, full_accuracy: float | None = N
         curves: `{label: points}`, e.g. `{"lam=1": result.curve}`.
         path: the PNG file to write.
         full_accuracy: drawn as a dashed line for the full model when given.
-        speedup: the x axis: `"layer"` (METHOD.md eq. 12) or `"flops"` (points need `flops_speedup`).
+        speedup: the x axis: `"layer"` (docs/method.md eq. 12) or `"flops"` (points need `flops_speedup`).
         title: of the figure.
 
     Returns:

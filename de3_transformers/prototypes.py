@@ -1,4 +1,4 @@
-"""Class prototypes of DE3-BERT and their sliding-average update (METHOD.md section 2, eq. 1)."""
+"""Class prototypes of DE3-BERT and their sliding-average update (docs/method.md section 2, eq. 1)."""
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,7 @@ class PrototypeMemory(nn.Module):
 
     @torch.no_grad()
     def update(self, class_sums: torch.Tensor, class_counts: torch.Tensor, momentum: float) -> None:
-        """`cp_k <- (1 - gamma) cp_k + gamma c_k` with `c_k` the class mean of the batch (METHOD.md eq. 1).
+        """`cp_k <- (1 - gamma) cp_k + gamma c_k` with `c_k` the class mean of the batch (docs/method.md eq. 1).
 
         A class absent from the batch keeps its prototype; the first observation of a class sets it to `c_k`.
         Under `torch.distributed` the sums and counts are all-reduced first, so every process forms the same

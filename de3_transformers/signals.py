@@ -1,4 +1,4 @@
-"""Exit-signal formulas of DE3-BERT (METHOD.md section 2, eqs. 8-11), shared by training, compact inference and
+"""Exit-signal formulas of DE3-BERT (docs/method.md section 2, eqs. 8-11), shared by training, compact inference and
 simulated inference.
 
 Every function broadcasts over leading dimensions, so the same code scores one exit's active samples
@@ -16,7 +16,7 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of `softmax(logits)` divided by `log K` (METHOD.md eq. 8), in [0, 1].
+    """Entropy of `softmax(logits)` divided by `log K` (docs/method.md eq. 8), in [0, 1].
 
     Args:
         logits: `[..., K]` with `K >= 2`.
@@ -30,7 +30,8 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_energy(logits: torch.Tensor) -> torch.Tensor:
-    """COSEE's normalised energy `sigmoid(-logsumexp(logits))` (paper 002 eqs. 10-11), in (0, 1); lower is easier.
+    """COSEE's normalised energy `sigmoid(-logsumexp(logits))` (docs/method.md section 3; COSEE eqs. 10-11), in (0, 1);
+    lower is easier.
 
     Returns `[...]` float32 for `[..., K]` logits.
     """
@@ -38,7 +39,7 @@ def normalized_energy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_probability(logits: torch.Tensor) -> torch.Tensor:
-    """The largest class probability `max_k softmax(logits)_k`, float32; higher is easier."""
+    """The largest class probability `max_k softmax(logits)_k` (docs/method.md section 3), float32; higher is easier."""
     return logits.float().softmax(dim=-1).amax(dim=-1)
 
 
@@ -48,7 +49,7 @@ def _norm(vectors: torch.Tensor, min_square: float = _TINY) -> torch.Tensor:
 
 
 def prototype_distances(features: torch.Tensor, prototypes: torch.Tensor, distance: str) -> torch.Tensor:
-    """Distance of every sample to every class prototype.
+    """Distance of every sample to every class prototype (docs/method.md section 2.3).
 
     Args:
         features: `[..., B, P]`, the prototypical network outputs `x`.
@@ -77,7 +78,7 @@ def prototype_distances(features: torch.Tensor, prototypes: torch.Tensor, distan
 def normalized_ratio(near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
     """`0.5 * (1 + (near - far) / max(near, far))` for non-negative distances, in [0, 1]; 0.5 when both are 0.
 
-    The form of the distance ratio (METHOD.md eq. 10) and of the alienation loss (eq. 3).
+    The form of the distance ratio (docs/method.md eq. 10) and of the alienation loss (eq. 3).
     """
     largest = torch.maximum(near, far)
     ratio = torch.where(largest > 0, (near - far) / largest.clamp_min(_TINY), torch.zeros_like(largest))
@@ -87,7 +88,7 @@ def normalized_ratio(near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
 def distance_ratio(
     logits: torch.Tensor, features: torch.Tensor, prototypes: torch.Tensor, distance: str
 ) -> torch.Tensor:
-    """Normalised distance ratio `DR` (METHOD.md eq. 10) between the two most probable classes, in [0, 1].
+    """Normalised distance ratio `DR` (docs/method.md eq. 10) between the two most probable classes, in [0, 1].
 
     Args:
         logits: `[..., B, K]` exit logits, which pick the top-2 classes `k1, k2`.
@@ -105,7 +106,7 @@ def distance_ratio(
 
 
 def hybrid_indicator(entropy: torch.Tensor, ratio: torch.Tensor | None, lam: float) -> torch.Tensor:
-    """EDR, the weighted harmonic mean of entropy and distance ratio (METHOD.md eq. 11), in [0, 1].
+    """EDR, the weighted harmonic mean of entropy and distance ratio (docs/method.md eq. 11), in [0, 1].
 
     `EDR = (lam + 1) / (lam / DR + 1 / E)`, written as `(lam + 1) E DR / (lam E + DR)` so that it is 0, its limit,
     when `E = 0` or `DR = 0`. `lam = 0` returns the entropy itself, and `ratio` may then be `None`.

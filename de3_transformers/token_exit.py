@@ -1,4 +1,4 @@
-"""MPEE's token (horizontal) exit (METHOD.md section 5, paper 004 eqs. 5-8): class attention, the token importance
+"""MPEE's token (horizontal) exit (docs/method.md section 5, paper 004 eqs. 5-8): class attention, the token importance
 it accumulates across layers (the paper's class-attention memory `A_m`), and the pruning of the less important
 tokens into one fusion token.
 
@@ -14,8 +14,9 @@ from torch import nn
 
 
 def class_attention(self_attention: nn.Module, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """`A_class`: the first token's attention row in `self_attention` (a `BertSelfAttention`-like module with
-    `query`, `key`, `num_attention_heads`, `attention_head_size`), averaged over heads (paper 004 eq. 5).
+    """`A_class` (docs/method.md section 5.1): the first token's attention row in `self_attention` (a
+    `BertSelfAttention`-like module with `query`, `key`, `num_attention_heads`, `attention_head_size`), averaged over
+    heads (paper 004 eq. 5).
 
     Computed from the layer's input without the keys of every token: the score of token `j` in head `h` is
     `q_h . (W_h x_j + b_h) = (W_h^T q_h) . x_j + q_h . b_h`, and the last term is the same for every `j`, so it drops
@@ -39,15 +40,16 @@ def class_attention(self_attention: nn.Module, hidden: torch.Tensor, token_mask:
 
 
 def running_average(previous: torch.Tensor | None, value: torch.Tensor, momentum: float) -> torch.Tensor:
-    """`(1 - momentum) previous + momentum value` (paper 004 eqs. 6 and 10): the token importance across layers and
-    the carried exit logits across exits. The first value starts the average."""
+    """`(1 - momentum) previous + momentum value` (docs/method.md sections 5.2 and 5.4; MPEE eqs. 6 and 10): the token
+    importance across layers and the carried exit logits across exits. The first value starts the average."""
     if previous is None or momentum == 1:
         return value
     return (1 - momentum) * previous + momentum * value
 
 
 def kept_counts(candidates: torch.Tensor, ratio: float) -> torch.Tensor:
-    """`floor(N (1 - ratio))` for `N` candidate tokens (a tensor of counts), as integers."""
+    """`floor(N (1 - ratio))` for `N` candidate tokens (a tensor of counts), as integers (docs/method.md section
+    5.3)."""
     return torch.floor(candidates.double() * (1 - ratio) + 1e-9).long()  # 1e-9: 10 * 0.3 must give 3, not 2
 
 
@@ -68,10 +70,10 @@ def prune_tokens(
     ratio: float,
     has_fusion: bool,
 ) -> PrunedTokens:
-    """Keeps, per sample, the first token and the `floor(N (1 - ratio))` candidates of the highest importance,
-    and fuses the others (and the previous fusion token, if any) into one fusion token: their class-attention-
-    weighted mean, weights renormalised over the fused tokens so the fusion token has the scale of a token (the paper
-    writes `sum_i alpha_i h_i` and leaves the normalisation open).
+    """MPEE's token exit (docs/method.md section 5.3). Keeps, per sample, the first token and the `floor(N (1 - ratio))`
+    candidates of the highest importance, and fuses the others (and the previous fusion token, if any) into one fusion
+    token: their class-attention- weighted mean, weights renormalised over the fused tokens so the fusion token has the
+    scale of a token (the paper writes `sum_i alpha_i h_i` and leaves the normalisation open).
 
     Args:
         hidden: `[B, T, H]`, the layer's output.
@@ -114,7 +116,8 @@ def prune_tokens(
 
 
 def token_lengths(lengths: torch.Tensor, ratio: float, token_exit_layers, num_layers: int) -> torch.Tensor:
-    """Tokens each sample runs through every layer under token exit: `[num_layers, N]` from its `N` attended tokens.
+    """Tokens each sample runs through every layer under token exit (docs/method.md section 6.2): `[num_layers, N]` from
+    its `N` attended tokens.
 
     The counts depend only on the length (which tokens are kept does not change how many), so FLOPs can be counted
     from lengths alone.

@@ -1,4 +1,4 @@
-"""`DE3Trainer`: the stock `transformers.Trainer` with the DE3 objective's bookkeeping (METHOD.md section 2).
+"""`DE3Trainer`: the stock `transformers.Trainer` with the DE3 objective's bookkeeping (docs/method.md section 2).
 
 The loss itself comes from the model's forward (its training objective's loss plus `dar_alpha` times DAR). The
 trainer adds what a `Trainer` cannot know about:
@@ -20,7 +20,8 @@ from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArgum
 from transformers.utils import logging
 
 from .configuration_de3 import check_exit_parameters
-from .exit_policies import build_exit_policy, simulate_policy
+from .exit_policies import build_exit_policy
+from .simulation import simulate_policy
 
 
 logger = logging.get_logger(__name__)

@@ -14,7 +14,8 @@ from de3_transformers.analysis import (
     signal_rank_correlation,
 )
 from de3_transformers.evaluation import ExitSignals, collect_exit_signals
-from de3_transformers.exit_policies import get_exit_policy, simulate_first_exits
+from de3_transformers.exit_policies import get_exit_policy
+from de3_transformers.simulation import simulate_first_exits
 
 from conftest import mixed_length_batch, tiny_model, train_prototypes
 

@@ -1,4 +1,4 @@
-"""COSEE training (METHOD.md section 4): sample weights, the OSC hinge and the loss on hand-made tensors, the epoch
+"""COSEE training (docs/method.md section 4): sample weights, the OSC hinge and the loss on hand-made tensors, the epoch
 signal range, and training with `DE3Trainer`."""
 
 import math

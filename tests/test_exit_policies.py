@@ -1,4 +1,4 @@
-"""Exit policies (METHOD.md section 3): each rule on hand-made signals, compact `predict_early` against the replay on a
+"""Exit policies (docs/method.md section 3): each rule on hand-made signals, compact `predict_early` against the replay on a
 full forward for every policy, custom policies, calibration of any policy, the learning-to-exit head and FLOPs."""
 
 import math
@@ -17,12 +17,11 @@ from de3_transformers.exit_policies import (
     ThresholdPolicy,
     get_exit_policy,
     register_exit_policy,
-    simulate_first_exits,
-    simulate_policy,
 )
 from de3_transformers.flops import FlopsCounter
 from de3_transformers.losses import learning_to_exit_loss
 from de3_transformers.signals import hybrid_indicator
+from de3_transformers.simulation import simulate_first_exits, simulate_policy
 
 from conftest import mixed_length_batch, tiny_model, train_prototypes
 

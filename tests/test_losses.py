@@ -1,4 +1,4 @@
-"""DAR (METHOD.md eqs. 2-4) and the layer-weighted loss (eqs. 5-7) against hand-computed values."""
+"""DAR (docs/method.md eqs. 2-4) and the layer-weighted loss (eqs. 5-7) against hand-computed values."""
 
 import math
 

@@ -331,3 +331,12 @@ def test_calibration_of_another_policy_names_it_and_its_parameters():
     result = calibrate(model, rows, target_speedup=1.5, policy="patience")
     text = build_model_card(model, task_name="rte", dataset_name="nyu-mll/glue", calibration=result).text
     assert "`patience`" in text and "'patience'" in text
+
+
+def test_a_config_alone_gives_the_same_card_as_its_model():
+    model = tiny_model(early_exit_policy="entropy", early_exit_threshold=0.25)
+    from_model = build_model_card(model, task_name="rte", dataset_name="nyu-mll/glue", eval_metrics=EVAL_METRICS)
+    from_config = build_model_card(model.config, task_name="rte", dataset_name="nyu-mll/glue",
+                                   eval_metrics=EVAL_METRICS)
+    assert from_config.content == from_model.content
+    assert "Early exit (policy entropy, threshold 0.25)" in from_config.text  # the saved default, named

@@ -115,10 +115,10 @@ def test_defaults_come_from_the_config(trained_model):
     low, middle, high = spread_thresholds(full_signals(trained_model, input_ids, attention_mask), 2.0)
     trained_model.config.early_exit_threshold, trained_model.config.early_exit_lambda = high, 2.0
     by_default = trained_model.predict_early(input_ids, attention_mask)
-    assert torch.equal(by_default.sample_exit_layers, trained_model.predict_early(input_ids, attention_mask, threshold=high,
-                                                                           lam=2.0).sample_exit_layers)
-    assert not torch.equal(by_default.sample_exit_layers, trained_model.predict_early(input_ids, attention_mask,
-                                                                               threshold=low, lam=2.0).sample_exit_layers)
+    at_high = trained_model.predict_early(input_ids, attention_mask, threshold=high, lam=2.0)
+    at_low = trained_model.predict_early(input_ids, attention_mask, threshold=low, lam=2.0)
+    assert torch.equal(by_default.sample_exit_layers, at_high.sample_exit_layers)
+    assert not torch.equal(by_default.sample_exit_layers, at_low.sample_exit_layers)
 
 
 def test_predict_early_returns_long_exit_layers_and_restores_training_mode(trained_model):
@@ -142,8 +142,8 @@ def test_distance_ratio_is_none_until_every_prototype_exists():
     output = full_signals(model, input_ids, attention_mask)
     assert output.distance_ratio is None and output.entropy.shape == (3, 2)
     with pytest.raises(ValueError, match="lam=0"):
-        simulate_policy(get_exit_policy("de3", threshold=0.5, lam=1.0), output.exit_logits, [1, 2, 3, 4], output.entropy,
-                        None)
+        simulate_policy(get_exit_policy("de3", threshold=0.5, lam=1.0), output.exit_logits, [1, 2, 3, 4],
+                        output.entropy, None)
 
 
 @pytest.mark.parametrize("threshold, lam", [(float("nan"), 1.0), (-0.1, 1.0), (0.5, float("nan")), (0.5, -1.0),

@@ -1,8 +1,8 @@
-"""Properties of the exit signals (METHOD.md section 2, eqs. 8-11) and of compact early exit, on generated inputs.
+"""Properties of the exit signals (docs/method.md section 2, eqs. 8-11) and of compact early exit, on generated inputs.
 
 The hand-computed cases live in `test_signals.py` and `test_modeling.py`; here `hypothesis` searches the corners
 (extreme logits, half precision, zero vectors, identical prototypes, features lying on a prototype) for a
-violation of what METHOD.md promises for every input.
+violation of what docs/method.md promises for every input.
 """
 
 import functools
@@ -14,13 +14,8 @@ import torch
 from hypothesis import assume, example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from de3_transformers.exit_policies import (
-    exit_views,
-    get_exit_policy,
-    layer_speedup,
-    simulate_first_exits,
-    simulate_policy,
-)
+from de3_transformers.exit_policies import get_exit_policy
+from de3_transformers.simulation import exit_views, layer_speedup, simulate_first_exits, simulate_policy
 from de3_transformers.signals import distance_ratio, hybrid_indicator, normalized_entropy, prototype_distances
 
 from conftest import BACKBONES, mixed_length_batch, tiny_model, train_prototypes
@@ -102,7 +97,7 @@ def assert_float32_in_unit_interval(values):
     assert ((values >= 0) & (values <= 1)).all(), values.tolist()
 
 
-# METHOD.md eqs. 8-11: every signal is a finite float32 number in [0, 1], whatever the input.
+# docs/method.md eqs. 8-11: every signal is a finite float32 number in [0, 1], whatever the input.
 
 
 @SIGNALS
@@ -148,7 +143,7 @@ def test_edr_is_a_float32_number_in_the_unit_interval(inputs, distance, lam):
     assert_float32_in_unit_interval(hybrid_indicator(normalized_entropy(logits), ratio, lam))
 
 
-# METHOD.md eq. 11: EDR is the weighted harmonic mean of E and DR.
+# docs/method.md eq. 11: EDR is the weighted harmonic mean of E and DR.
 
 
 @SIGNALS
@@ -219,7 +214,8 @@ def test_a_higher_threshold_never_makes_a_sample_leave_later(problem):
     model, (input_ids, attention_mask, _) = confident_model(backbone), full_forward(backbone, seed)
     at_low = model.predict_early(input_ids, attention_mask, threshold=low, lam=lam)
     at_high = model.predict_early(input_ids, attention_mask, threshold=high, lam=lam)
-    assert (at_high.sample_exit_layers <= at_low.sample_exit_layers).all(), (at_low.sample_exit_layers, at_high.sample_exit_layers)
+    assert (at_high.sample_exit_layers <= at_low.sample_exit_layers).all(), (at_low.sample_exit_layers,
+                                                                             at_high.sample_exit_layers)
     assert at_high.speedup >= at_low.speedup
 
 

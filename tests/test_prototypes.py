@@ -1,4 +1,4 @@
-"""Prototype update (METHOD.md eq. 1) on hand-made batches, and when the model updates them."""
+"""Prototype update (docs/method.md eq. 1) on hand-made batches, and when the model updates them."""
 
 import pytest
 import torch

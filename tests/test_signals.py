@@ -1,4 +1,4 @@
-"""METHOD.md eqs. 8-11 against hand-computed values, and their numerics in every dtype."""
+"""docs/method.md eqs. 8-11 against hand-computed values, and their numerics in every dtype."""
 
 import math
 

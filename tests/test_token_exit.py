@@ -1,4 +1,4 @@
-"""MPEE (METHOD.md section 5): class attention, token selection and fusion, token importance and carried exit
+"""MPEE (docs/method.md section 5): class attention, token selection and fusion, token importance and carried exit
 logits, self-distillation and the FLOPs of shorter sequences on hand-made tensors; token exit in `forward` and
 compact `predict_early`."""
 
@@ -9,7 +9,8 @@ import torch
 
 from de3_transformers import modeling_de3
 from de3_transformers.early_exit import run_layer, start_batch
-from de3_transformers.exit_policies import exit_views, get_exit_policy, simulate_policy
+from de3_transformers.exit_policies import get_exit_policy
+from de3_transformers.simulation import exit_views, simulate_policy
 from de3_transformers.flops import FlopsCounter
 from de3_transformers.losses import ExitEnsembleTeacher, self_distillation_loss
 from de3_transformers.token_exit import class_attention, prune_tokens, running_average, token_lengths

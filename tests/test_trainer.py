@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from de3_transformers import DE3Trainer, DE3TrainingArguments
+from de3_transformers import DE3Trainer, DE3TrainingArguments, build_exit_policy, simulate_policy
 
 from conftest import mixed_length_batch, tiny_model, train_prototypes
 
@@ -178,8 +178,13 @@ def test_evaluation_reports_every_exit_and_early_exit_like_predict_early(tmp_pat
 def test_plain_training_arguments_work_with_config_defaults(tmp_path):
     model = train_prototypes(tiny_model())
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=4)
-    metrics = DE3Trainer(model=model, args=args, eval_dataset=dataset()).evaluate()
-    assert metrics["eval_early_exit_speedup"] >= 1.0
+    eval_data = dataset()
+    metrics = DE3Trainer(model=model, args=args, eval_dataset=eval_data).evaluate()
+    # The config's defaults (DE3, threshold 0.2, lambda 1), as predict_early runs them.
+    expected = model.predict_early(torch.tensor(eval_data["input_ids"]), torch.tensor(eval_data["attention_mask"]))
+    assert metrics["eval_early_exit_speedup"] == pytest.approx(expected.speedup)
+    labels = torch.tensor(eval_data["labels"])
+    assert metrics["eval_early_exit_accuracy"] == pytest.approx((expected.logits.argmax(-1) == labels).float().mean().item())
 
 
 def test_trainer_rejects_a_model_without_prototypes(tmp_path):
@@ -219,7 +224,12 @@ def test_bf16_mixed_precision_training_and_evaluation_stay_finite(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(torch.isfinite(torch.tensor([entry["loss"], entry["dar_loss"]])).all() for entry in logged)
     assert model.prototype_memory.initialized.all() and torch.isfinite(model.prototype_memory.prototypes).all()
-    assert 1.0 <= metrics["eval_early_exit_speedup"] <= 4.0
+    # The early-exit metric is the configured policy replayed on the bf16 evaluation's own exit outputs.
+    logits, exit_logits, entropy, ratio = (torch.as_tensor(array) for array in trainer.predict(dataset(seed=4)).predictions)
+    assert torch.isfinite(exit_logits).all() and exit_logits.shape == (12, 4, 3)
+    replay = simulate_policy(build_exit_policy(model.config), exit_logits.transpose(0, 1), model.config.exit_layers,
+                             entropy.transpose(0, 1), ratio.transpose(0, 1))
+    assert metrics["eval_early_exit_speedup"] == pytest.approx(replay.speedup)
 
 
 def test_loss_is_scaled_for_gradient_accumulation(tmp_path):
