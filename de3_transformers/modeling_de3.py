@@ -50,7 +50,6 @@ class DE3ModelMixin(DE3CheckpointMixin):
         self.prototype_memory = PrototypeMemory(depth, labels, config.proto_dim)
         if config.learning_to_exit:
             self.exit_scorers = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(depth))
-        self.cosee_state = None  # COSEE's training state, set by its objective
         self.objective = get_training_objective(config.training_objective)
         self.objective.build(self, config)
 
@@ -121,9 +120,10 @@ class DE3ModelMixin(DE3CheckpointMixin):
         r"""
         Runs every layer and every exit.
 
-        With `labels`, returns the DE3 loss (cross-entropy at every exit plus `dar_alpha` times DAR, weighted by
-        depth), and in training mode then updates the prototypes with the batch's class means (after the loss is
-        computed, so the loss sees the prototypes as they were before this batch).
+        With `labels`, returns the loss of `config.training_objective` plus `dar_alpha` times DAR (for DE3:
+        cross-entropy at every exit plus DAR, weighted by depth), and in training mode then updates the prototypes
+        with the batch's class means (after the loss is computed, so the loss sees the prototypes as they were before
+        this batch).
 
         Args:
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):

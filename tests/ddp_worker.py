@@ -18,9 +18,8 @@ from conftest import mixed_length_batch, tiny_model
 
 def main(out_dir: str, batch_size: int, objective: str = "de3") -> None:
     model = tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, training_objective=objective)
-    seen = {}
-    if objective == "cosee":
-        state = model.cosee_state
+    seen, state = {}, getattr(model, "cosee_state", None)  # COSEE's objective adds it
+    if state is not None:
         end_epoch = state.end_epoch
 
         def recording_end_epoch(reduce_max=None):
@@ -44,7 +43,7 @@ def main(out_dir: str, batch_size: int, objective: str = "de3") -> None:
     memory = model.prototype_memory
     torch.save({"prototypes": memory.prototypes, "initialized": memory.initialized,
                 "classifier": model.classifier.weight.detach(), **seen,
-                "cosee_range": None if model.cosee_state is None else (model.cosee_state.low, model.cosee_state.high)},
+                "cosee_range": None if state is None else (state.low, state.high)},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
