@@ -7,10 +7,10 @@ A policy sees one exit at a time through an [`ExitView`] and answers with a bool
 - `simulation.simulate_policy`, which replays the rule on the stored outputs of one full forward; there every
   parameter may be a tensor `[T, 1]`, so `T` thresholds are replayed at once (results `[T, N]`).
 
-Built-in policies: `de3` (EDR), `entropy` (DeeBERT), `max_prob`, `energy` (COSEE), `patience` (PABEE),
-`patient_confident` (PCEE-BERT), `learned` (BERxiT) and `oracle` (needs labels). To add one, subclass
-[`ExitPolicy`] (or [`ThresholdPolicy`] for a "signal below/above a threshold" rule) as a dataclass and
-register it with [`register_exit_policy`]:
+Built-in policies, all in this module so that the rules read side by side: `de3` (EDR), `entropy` (DeeBERT), `max_prob`,
+`energy` (COSEE), `patience` (PABEE), `patient_confident` (PCEE-BERT), `learned` (BERxiT) and `oracle` (needs labels).
+To add one, subclass [`ExitPolicy`] (or [`ThresholdPolicy`] for a "signal below/above a threshold" rule) as a dataclass
+and register it with [`register_exit_policy`]:
 
     @dataclass
     class MarginPolicy(ThresholdPolicy):

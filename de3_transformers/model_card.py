@@ -4,6 +4,9 @@
 metadata (`library_name`, `tags`, `datasets`, `metrics`, `base_model`, `license`, `model-index`) comes from
 `ModelCardData` and `EvalResult`, the text from `model_card_template.md` beside this module. Every number in a card
 comes from the arguments; a section whose data was not given is left out.
+
+The module is longer than the others (as setfit's `model_card.py` is) because each section of the template has its
+own small formatting function; they read top to bottom in the template's order, and none is used elsewhere.
 """
 
 import math
