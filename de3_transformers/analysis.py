@@ -8,9 +8,9 @@ from scipy.stats import spearmanr
 from .calibration import TradeoffPoint, tradeoff_curve
 from .evaluation import ExitSignals, MetricFn
 from .exit_policies import ExitPolicy, get_exit_policy
-from .simulation import simulate_first_exits
-from .plots import plot_exit_histograms, plot_policy_comparison
+from .plots import plot_exit_histograms, plot_policy_comparison  # re-exported: the plots of what this module computes
 from .signals import hybrid_indicator
+from .simulation import simulate_first_exits
 
 
 def default_policies(signals: ExitSignals, lam: float = 1.0, patience: int = 2) -> dict[str, ExitPolicy]:

@@ -16,6 +16,7 @@ import torch
 from transformers.utils import logging
 
 from .configuration_de3 import check_exit_parameters
+# `evaluate_early_exit` is re-exported: it measures for real what calibration chose.
 from .evaluation import ExitSignals, MetricFn, collect_exit_signals, evaluate_early_exit
 from .exit_policies import EXIT_POLICIES, ExitPolicy, get_exit_policy
 from .simulation import layer_speedup, simulate_first_exits

@@ -18,9 +18,9 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from .exit_policies import ExitPolicy, ExitView
-from .simulation import layer_speedup
 from .modeling_outputs import DE3EarlyExitOutput
 from .signals import distance_ratio
+from .simulation import layer_speedup
 from .token_exit import class_attention, prune_tokens, running_average
 
 

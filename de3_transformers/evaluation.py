@@ -10,8 +10,8 @@ import torch
 from .batching import labelled_batches, progress
 from .early_exit import eval_mode
 from .exit_policies import ExitPolicy, build_exit_policy
-from .simulation import exit_views, layer_speedup
 from .flops import FlopsCounter
+from .simulation import exit_views, layer_speedup
 
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]

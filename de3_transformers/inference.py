@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from .batching import pad_rows, progress
-from .simulation import layer_speedup
 from .modeling_outputs import DE3EarlyExitOutput
+from .simulation import layer_speedup
 
 
 def predict_dataset(
