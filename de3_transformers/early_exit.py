@@ -136,7 +136,7 @@ def run_exit(model, exit_index: int, batch: RunningBatch, features: bool = True,
     classifier memory, docs/method.md section 5; with `exit_memory=1` each exit keeps its own logits)."""
     outputs = model.exit_head(exit_index, batch.hidden, batch.token_mask, features, scores)
     logits = batch.carried_logits = running_average(batch.carried_logits, outputs.logits, model.config.exit_memory)
-    return outputs._replace(logits=logits)
+    return ExitOutputs(logits, outputs.features, outputs.scores)
 
 
 def check_policy(model, policy: ExitPolicy, batch_size: int, labels: torch.Tensor | None) -> None:
@@ -160,20 +160,23 @@ def check_policy(model, policy: ExitPolicy, batch_size: int, labels: torch.Tenso
 
 @contextmanager
 def eval_mode(model, device=None):
-    """Runs a `with` block with `model` in eval mode on `device` (default: where it is), and puts its mode and device
-    back afterwards. Yields the device."""
-    device = torch.device(device) if device is not None else model.device
-    was_training, home = model.training, model.device
-    if was_training:  # switching modes walks every submodule: skip it in the usual case
+    """Runs a `with` block with `model` in eval mode, moved to `device` if one is given, and puts its mode and device
+    back afterwards."""
+    # On the hot path of `predict_early` (no device, eval mode already) this touches nothing: switching modes and
+    # looking up the device each walk the modules.
+    was_training = model.training
+    home = model.device if device is not None else None
+    moved = home is not None and torch.device(device) != home
+    if was_training:
         model.eval()
-    if device != home:
+    if moved:
         model.to(device)
     try:
-        yield device
+        yield
     finally:
         if was_training:
             model.train()
-        if device != home:
+        if moved:
             model.to(home)
 
 
@@ -193,14 +196,14 @@ def run_early_exit(model, input_ids, attention_mask, token_type_ids, policy: Exi
     batch.live = torch.ones(size, dtype=torch.bool, device=device)
     out_logits = batch.hidden.new_empty(size, config.num_labels)
     out_layers = torch.full((size,), config.num_hidden_layers, dtype=torch.long, device=device)
-    num_live, state = size, policy.start(size, device)
+    num_live, state, top_exit = size, policy.start(size, device), config.num_exits - 1
 
     for layer_number, layer, exit_index in encoder_steps(model):
         run_layer(config, layer_number, layer, batch)
         if exit_index is None:
             continue
         logits, features, scores = run_exit(model, exit_index, batch, with_ratio, with_scores)
-        if exit_index == config.num_exits - 1:
+        if exit_index == top_exit:
             rows = batch.live.nonzero().flatten() if num_live < batch.num_rows else slice(None)
             out_logits[batch.samples[rows]] = logits[rows].to(out_logits.dtype)
             out_layers[batch.samples[rows]] = layer_number

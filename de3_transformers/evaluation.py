@@ -87,7 +87,8 @@ def collect_exit_signals(model, dataset, batch_size: int = 64, device=None) -> E
     """
     loader = labelled_batches(model, dataset, batch_size)
     logits, entropy, ratio, scores, labels, lengths = [], [], [], [], [], []
-    with eval_mode(model, device) as run_device, torch.inference_mode():
+    run_device = torch.device(device) if device is not None else model.device
+    with eval_mode(model, device), torch.inference_mode():
         for batch in progress(loader, "Collecting exit signals"):
             labels.append(batch.pop("labels"))
             lengths.append(batch["attention_mask"].sum(dim=-1))
@@ -142,7 +143,8 @@ def evaluate_early_exit(
     loader = labelled_batches(model, dataset, batch_size)
     exit_policy = build_exit_policy(model.config, policy, threshold=threshold, lam=lam, patience=patience)
     predictions, layers, labels, lengths = [], [], [], []
-    with eval_mode(model, device) as run_device:
+    run_device = torch.device(device) if device is not None else model.device
+    with eval_mode(model, device):
         for batch in progress(loader, "Early-exit evaluation"):
             labels.append(batch.pop("labels"))
             lengths.append(batch["attention_mask"].sum(dim=-1))
