@@ -285,12 +285,16 @@ def calibrate(
             grid, a value out of range or one the policy does not have; the oracle; a target the policy cannot reach
             (`patience` p never leaves before exit p); signals the policy cannot read
             (`lam > 0` on a model whose prototypes are not initialised); signals from a model with other exits.
+        RuntimeError: when the policy reads the distance ratio and initialised prototypes are not finite or zero.
     """
     config = model.config
     grid = _policy_grid(config, policy, lam, lam_grid, patience, patience_grid)
     if signals is None:
         if eval_dataset is None:
             raise ValueError("Give eval_dataset (labelled, tokenized) or signals from collect_exit_signals.")
+        memory = model.prototype_memory
+        if any(base.needs_distance_ratio for _, base in grid) and memory.all_initialized:
+            memory.require_usable()  # initialised, but NaN, inf or zero prototypes would calibrate on garbage
         signals = collect_exit_signals(model, eval_dataset, batch_size=batch_size)
     elif list(signals.exit_layers) != list(config.exit_layers) or signals.num_layers != config.num_hidden_layers:
         raise ValueError(

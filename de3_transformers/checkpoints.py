@@ -7,9 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 from transformers.utils import logging
+
+from .prototypes import describe_problems
 
 
 logger = logging.get_logger(__name__)
@@ -28,7 +31,9 @@ class DE3CheckpointMixin:
             OSError: if the folder cannot be written.
             huggingface_hub.errors.StrictDataclassClassValidationError: if a config field was set to an invalid value
                 after the config was built (the error names it); nothing is written then.
+            FloatingPointError: if a prototype is not finite (training diverged); nothing is written then.
         """
+        self.prototype_memory.require_finite()
         if push_to_hub:  # uploading works on the folder itself: keep the library's own path
             return super().save_pretrained(save_directory, *args, push_to_hub=True, **kwargs)
         target = Path(save_directory)
@@ -44,15 +49,22 @@ class DE3CheckpointMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with errors that say what is wrong for a corrupted weights file and for
-        a config whose `num_labels` or `exit_layers` do not fit the saved heads and prototypes.
+        """`PreTrainedModel.from_pretrained`, which also verifies what it loaded: the heads run after the layers they
+        were trained at, and the prototypes are consistent. Errors say what is wrong for a corrupted weights file and
+        for a config whose `num_labels` or `exit_layers` do not fit the saved heads and prototypes (the saved values
+        are read from the weights). With `ignore_mismatched_sizes=True`, prototypes of another shape come back
+        uninitialised, to be set by training.
 
         Raises:
-            OSError: if the weights file is corrupted or truncated.
-            ValueError: if the config does not fit the saved weights (and `ignore_mismatched_sizes` is not set).
+            OSError: if the weights file is corrupted or truncated, or its prototypes are inconsistent (set while
+                marked uninitialised, or marked initialised but not finite or zero).
+            ValueError: if the config does not fit the saved weights (and `ignore_mismatched_sizes` is not set), or
+                its `exit_layers` are not the layers the exits were trained at.
         """
+        wants_info = kwargs.pop("output_loading_info", False)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
         except SafetensorError as error:
             raise OSError(
                 f"The weights of {pretrained_model_name_or_path} are corrupted or truncated ({error}). Save the model "
@@ -61,12 +73,14 @@ class DE3CheckpointMixin:
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):
                 raise
-            saved = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+            num_labels, exit_layers = _saved_heads(cls, pretrained_model_name_or_path)
             raise ValueError(
                 f"The config does not fit the weights saved in {pretrained_model_name_or_path}, which have "
-                f"num_labels={saved.num_labels} and exit_layers={saved.exit_layers}. Load the checkpoint with its own "
+                f"num_labels={num_labels} and exit_layers={exit_layers}. Load the checkpoint with its own "
                 "config, or pass ignore_mismatched_sizes=True to start the heads and prototypes that differ afresh."
             ) from error
+        _verify_loaded(model, pretrained_model_name_or_path, info)
+        return (model, info) if wants_info else model
 
     @classmethod
     def from_backbone(cls, pretrained_model_name_or_path, num_labels: int = 2, **kwargs):
@@ -119,6 +133,62 @@ class DE3CheckpointMixin:
             f"({len(info['missing_keys'])} tensors). Prototypes start uninitialised and are set by training batches."
         )
         return model
+
+
+
+def _verify_loaded(model, path, info: dict) -> None:
+    """Checks a loaded DE3 model against what its weights say (see `DE3CheckpointMixin.from_pretrained`)."""
+    memory, config = model.prototype_memory, model.config
+    mismatched = {entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info.get("mismatched_keys", ())}
+    if mismatched & {"prototype_memory.prototypes", "prototype_memory.initialized"}:
+        # `ignore_mismatched_sizes` re-creates the tensors that changed shape; a mask that kept its shape would still
+        # call the fresh zero prototypes initialised.
+        with torch.no_grad():
+            memory.prototypes.zero_()
+            memory.initialized.zero_()
+        logger.warning(f"{path}: the prototypes have another shape than the config's; they start uninitialised.")
+    recorded = "prototype_memory.exit_layers" not in set(info.get("missing_keys", ())) | mismatched
+    trained_at = memory.exit_layers.tolist() + [config.num_hidden_layers]
+    if recorded and trained_at != list(config.exit_layers):
+        raise ValueError(
+            f"The exits saved in {path} were trained after layers {trained_at}, but the config puts them after "
+            f"{list(config.exit_layers)}: each head would read another layer than it learned. Load the checkpoint with "
+            f"its own config (exit_layers={trained_at}), or start from the backbone (from_backbone) to train exits at "
+            "other layers."
+        )
+    inconsistent = memory.inconsistent_pairs()
+    if inconsistent:
+        raise OSError(
+            f"The prototypes saved in {path} are inconsistent ({describe_problems(inconsistent)}): the weights file is "
+            "corrupted, or it was saved after training diverged. Save or download the checkpoint again, or train again."
+        )
+
+
+def _saved_heads(model_class, path) -> tuple[int | str, list[int] | str]:
+    """`(num_labels, exit_layers)` as the weights in `path` have them (the saved config where the weights cannot be
+    read, e.g. a Hub id not in the cache)."""
+    saved_config = model_class.config_class.from_pretrained(path)
+    shapes, exit_layers = {}, None
+    folder = Path(str(path))
+    index = folder / "model.safetensors.index.json"
+    files = ["model.safetensors"]
+    if index.is_file():  # sharded
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    for name in files:
+        if not (folder / name).is_file():
+            return saved_config.num_labels, saved_config.exit_layers
+        with safe_open(folder / name, framework="pt") as weights:
+            for key in weights.keys():
+                shapes[key] = weights.get_slice(key).get_shape()
+            if "prototype_memory.exit_layers" in weights.keys():
+                exit_layers = weights.get_tensor("prototype_memory.exit_layers").tolist()
+    if "classifier.weight" not in shapes:
+        return saved_config.num_labels, saved_config.exit_layers
+    num_labels = shapes["classifier.weight"][0]
+    if exit_layers is None:  # saved before the exit layers were recorded: their count is all the weights say
+        below_top = shapes.get("prototype_memory.prototypes", [0])[0]
+        return num_labels, f"{below_top + 1} exits"
+    return num_labels, exit_layers + [saved_config.num_hidden_layers]
 
 
 __all__ = ["DE3CheckpointMixin"]

@@ -20,7 +20,6 @@ from transformers.masking_utils import create_bidirectional_mask
 from .exit_policies import ExitPolicy, ExitView
 from .modeling_outputs import DE3EarlyExitOutput
 from .signals import distance_ratio
-from .simulation import layer_speedup
 from .token_exit import class_attention, prune_tokens, running_average
 
 
@@ -143,12 +142,13 @@ def check_policy(model, policy: ExitPolicy, batch_size: int, labels: torch.Tenso
     """Checks that the model and inputs give `policy` what it reads.
 
     Raises:
-        RuntimeError: when the policy reads the distance ratio and some prototype was never initialised.
+        RuntimeError: when the policy reads the distance ratio and some prototype is unusable (never initialised,
+            not finite, or zero).
         ValueError: for `"learned"` on a model without learning-to-exit heads, or a policy that needs labels (the
             oracle) without one per sample.
     """
     if policy.needs_distance_ratio:
-        model.prototype_memory.require_initialized(model.config.exit_layers)
+        model.prototype_memory.require_usable()
     if policy.needs_exit_scores and not model.config.learning_to_exit:
         raise ValueError(
             f"policy {policy.name!r} reads learning-to-exit scores, but this model has no learning-to-exit heads; "
@@ -187,7 +187,12 @@ def _compacted_size(num_live: int, current: int) -> int:
 
 def run_early_exit(model, input_ids, attention_mask, token_type_ids, policy: ExitPolicy,
                    labels: torch.Tensor | None = None) -> DE3EarlyExitOutput:
-    """The compact early-exit loop of `predict_early` (inputs and policy already checked, model in eval mode)."""
+    """The compact early-exit loop of `predict_early` (inputs and policy already checked, model in eval mode).
+
+    Raises:
+        FloatingPointError: when a sample's answer is not finite (its logits at the exit it answered from hold NaN or
+            inf); samples never leave on non-finite outputs, so this means the top exit itself is not finite.
+    """
     config = model.config
     with_ratio, with_scores = policy.needs_distance_ratio, policy.needs_exit_scores
     batch = start_batch(model, input_ids, attention_mask, token_type_ids)
@@ -214,7 +219,7 @@ def run_early_exit(model, input_ids, attention_mask, token_type_ids, policy: Exi
             ratio = distance_ratio(logits, features, prototypes, config.distance)
         view = ExitView(exit_index, layer_number, logits, distance_ratio=ratio, exit_scores=scores,
                         labels=None if labels is None else labels[batch.samples])
-        leave, state = policy.decide(view, state)
+        leave, state = policy.leave(view, state)
         leave = leave & batch.live
         leaving = leave.nonzero().flatten()  # the one host synchronisation per exit
         if leaving.numel() == 0:
@@ -232,8 +237,24 @@ def run_early_exit(model, input_ids, attention_mask, token_type_ids, policy: Exi
             rows = torch.argsort((~batch.live).to(torch.uint8), stable=True)[:compacted]
             batch, state = batch.select(rows), policy.select(state, rows)
 
-    return DE3EarlyExitOutput(logits=out_logits, sample_exit_layers=out_layers,
-                              speedup=layer_speedup(out_layers, config.num_hidden_layers))
+    # The one host synchronisation after the loop serves both the speed-up and the check of the answers.
+    not_finite = ~torch.isfinite(out_logits.sum(dim=-1))
+    layer_total, num_not_finite = torch.stack([out_layers.sum(), not_finite.sum()]).tolist()
+    if num_not_finite:
+        _raise_not_finite(not_finite, out_layers)
+    speedup = config.num_hidden_layers * size / layer_total  # docs/method.md eq. 12, as `simulation.layer_speedup`
+    return DE3EarlyExitOutput(logits=out_logits, sample_exit_layers=out_layers, speedup=speedup)
+
+
+def _raise_not_finite(not_finite: torch.Tensor, exit_layers: torch.Tensor):
+    samples = not_finite.nonzero().flatten().tolist()
+    layers = sorted(set(exit_layers[not_finite].tolist()))
+    raise FloatingPointError(
+        f"The logits of samples {samples[:8]}{' ...' if len(samples) > 8 else ''} are not finite (NaN or inf) at "
+        f"exit layer(s) {layers}, where they had to answer (no earlier exit was finite and confident). The model's "
+        "weights hold NaN or inf, from a diverged training run or an fp16 overflow: check torch.isfinite on the "
+        "weights of that exit and of the backbone, and retrain with a smaller learning rate or bf16/fp32."
+    )
 
 
 __all__ = [

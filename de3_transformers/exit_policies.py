@@ -63,6 +63,16 @@ class ExitView:
         if self.entropy is None:
             self.entropy = normalized_entropy(self.logits)
 
+    @property
+    def finite(self) -> torch.Tensor:
+        """`[N]` bool: whether every output of the exit the policy may read is finite for each sample. A row sum is
+        finite exactly when the row is (one reduction instead of a test per element)."""
+        finite = torch.isfinite(self.logits.sum(dim=-1))
+        for signal in (self.distance_ratio, self.exit_scores):
+            if signal is not None:
+                finite = finite & torch.isfinite(signal)
+        return finite
+
 
 def select_rows(state: Any, rows: torch.Tensor) -> Any:
     """Keeps the samples `rows` (last dimension) of every tensor in a policy state (a tensor, tuple or None)."""
@@ -103,6 +113,12 @@ class ExitPolicy:
         Must treat each sample on its own (no batch statistics), so that compaction cannot change an answer.
         """
         raise NotImplementedError
+
+    def leave(self, view: ExitView, state: Any) -> tuple[torch.Tensor, Any]:
+        """[`decide`], except that a sample whose exit outputs are not all finite never leaves: NaN or inf must not
+        look confident under any rule (docs/method.md section 2.9). `predict_early` and the replay call this."""
+        leave, state = self.decide(view, state)
+        return leave & view.finite, state
 
     def select(self, state: Any, rows: torch.Tensor) -> Any:
         """The state of the samples `rows` that keep running (called when others leave)."""

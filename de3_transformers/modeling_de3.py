@@ -47,7 +47,7 @@ class DE3ModelMixin(DE3CheckpointMixin):
         self.exit_classifiers = nn.ModuleList(nn.Linear(hidden, labels) for _ in range(depth))
         self.classifier = nn.Linear(hidden, labels)  # the last exit, named as in `BertForSequenceClassification`
         self.prototype_networks = nn.ModuleList(nn.Linear(hidden, config.proto_dim) for _ in range(depth))
-        self.prototype_memory = PrototypeMemory(depth, labels, config.proto_dim)
+        self.prototype_memory = PrototypeMemory(depth, labels, config.proto_dim, config.exit_layers[:-1])
         if config.learning_to_exit:
             self.exit_scorers = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(depth))
         self.objective = get_training_objective(config.training_objective)
@@ -74,6 +74,8 @@ class DE3ModelMixin(DE3CheckpointMixin):
         if isinstance(module, PrototypeMemory):
             init.zeros_(module.prototypes)
             init.zeros_(module.initialized)
+            # A checkpoint saved before the exit layers were recorded: the config's are all there is to go by.
+            init.copy_(module.exit_layers, torch.tensor(self.config.exit_layers[:-1], dtype=torch.long))
 
     def pool(self, hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """`z^(m)`: the backbone's shared pooler on the first token (docs/method.md section 1), or on the mean of the
@@ -236,7 +238,10 @@ class DE3ModelMixin(DE3CheckpointMixin):
             ValueError: for an unknown policy, a parameter out of range (negative, infinite or NaN threshold or
                 lambda); a policy without its threshold; inputs of the wrong shape or device; a row with no attended
                 token; `"learned"` on a model without learning-to-exit heads; `"oracle"` without labels.
-            RuntimeError: when the policy reads the distance ratio and some prototype was never initialised.
+            RuntimeError: when the policy reads the distance ratio and some prototype is unusable (never initialised,
+                not finite, or zero).
+            FloatingPointError: when a sample's answer is not finite (NaN or inf weights; no sample ever leaves on a
+                non-finite exit, so this is the top exit's answer).
         """
         policy = build_exit_policy(self.config, policy, threshold=threshold, lam=lam, patience=patience)
         check_inputs(self, input_ids, attention_mask, token_type_ids)

@@ -7,16 +7,20 @@ from torch import nn
 
 
 class PrototypeMemory(nn.Module):
-    """Holds `prototypes` `[num_exits - 1, K, proto_dim]` and `initialized` `[num_exits - 1, K]` (bool).
+    """Holds `prototypes` `[E, K, proto_dim]` and `initialized` `[E, K]` (bool) for the `E = num_exits - 1` exits below
+    the top, and `exit_layers` `[E]`, the encoder layers of those exits.
 
-    Both are persistent buffers, so they are saved in `model.safetensors` beside the weights and restored bit for
-    bit by `from_pretrained`. They change only through [`update`], never by gradient.
+    All three are persistent buffers, so they are saved in `model.safetensors` beside the weights and restored bit for
+    bit by `from_pretrained`; `exit_layers` lets loading check that the heads run after the layers they were trained
+    at. The prototypes change only through [`update`], never by gradient, and an uninitialised one stays zero.
     """
 
-    def __init__(self, num_exits: int, num_labels: int, proto_dim: int):
+    def __init__(self, num_exits: int, num_labels: int, proto_dim: int, exit_layers: list[int] | None = None):
         super().__init__()
         self.register_buffer("prototypes", torch.zeros(num_exits, num_labels, proto_dim))
         self.register_buffer("initialized", torch.zeros(num_exits, num_labels, dtype=torch.bool))
+        layers = list(range(1, num_exits + 1)) if exit_layers is None else list(exit_layers)
+        self.register_buffer("exit_layers", torch.tensor(layers, dtype=torch.long).view(num_exits))
         # With `defer_updates` (set by `DE3Trainer` for the length of training), batches only add their statistics
         # here and `apply_pending` updates once per optimizer step. Plain attributes, not buffers: never saved, and
         # never broadcast by DDP.
@@ -64,11 +68,20 @@ class PrototypeMemory(nn.Module):
         A class absent from the batch keeps its prototype; the first observation of a class sets it to `c_k`.
         Under `torch.distributed` the sums and counts are all-reduced first, so every process forms the same
         centroids and holds identical prototypes.
+
+        Raises:
+            FloatingPointError: if the class sums are not finite (nothing is changed then).
         """
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             class_sums, class_counts = class_sums.clone(), class_counts.clone()
             dist.all_reduce(class_sums)
             dist.all_reduce(class_counts)
+        if not torch.isfinite(class_sums.sum()):  # all-reduced: every process raises alike
+            raise FloatingPointError(
+                "A prototype update is not finite: the prototypical features of this batch hold NaN or inf, so the "
+                "weights have diverged (learning rate too high, or an fp16 overflow; try a smaller learning rate or "
+                "bf16). The prototypes were left as they were."
+            )
         present = class_counts > 0
         centroids = class_sums / class_counts.clamp_min(1.0)[None, :, None]
         previous = self.prototypes.float()
@@ -78,28 +91,77 @@ class PrototypeMemory(nn.Module):
         self.prototypes.copy_(torch.where(present[None, :, None], blended, previous))
         self.initialized |= present[None, :]
 
-    def uninitialized_pairs(self) -> list[tuple[int, int]]:
-        """`(exit index, class)` pairs that no training batch has set yet."""
-        return [tuple(pair) for pair in (~self.initialized).nonzero().tolist()]
+    def invalid_pairs(self) -> dict[str, list[tuple[int, int]]]:
+        """The `(layer, class)` pairs whose prototype cannot be used, by reason: `"uninitialised"` (never set by
+        training), `"not finite"` (NaN or inf) and `"zero"` (a zero vector marked initialised, which no class mean
+        gives: its cosine distance says nothing). Empty when every prototype is usable; one host synchronisation then.
+        """
+        prototypes = self.prototypes.float()
+        not_finite = ~torch.isfinite(prototypes.sum(dim=-1))  # a sum is finite exactly when every term is
+        zero = (prototypes == 0).all(dim=-1) & self.initialized
+        bad = ~self.initialized | not_finite | zero
+        if not bad.any():
+            return {}
+        layers = self.exit_layers.tolist()
+        reasons = {"uninitialised": ~self.initialized, "not finite": not_finite, "zero": zero}
+        pairs = {reason: [(layers[m], k) for m, k in mask.nonzero().tolist()] for reason, mask in reasons.items()}
+        return {reason: found for reason, found in pairs.items() if found}
 
-    def require_initialized(self, exit_layers: list[int]) -> None:
-        """Checks that every prototype was set by training, before anything reads the distance ratio.
-
-        Args:
-            exit_layers: the encoder layer of each exit (`config.exit_layers`), to name the missing pairs.
+    def require_usable(self) -> None:
+        """Checks that every prototype was set by training and holds finite, non-zero values, before anything reads
+        the distance ratio (`predict_early`, calibration).
 
         Raises:
-            RuntimeError: naming the (layer, class) pairs that were never set, and how to set them.
+            RuntimeError: naming the (layer, class) pairs that are unusable, why, and what to do.
         """
-        missing = self.uninitialized_pairs()
-        if missing:
-            described = ", ".join(f"(layer {exit_layers[m]}, class {k})" for m, k in missing[:6])
+        invalid = self.invalid_pairs()
+        if not invalid:
+            return
+        if "uninitialised" in invalid:
+            missing = invalid["uninitialised"]
             raise RuntimeError(
-                f"Prototypes are not initialised for {len(missing)} (exit, class) pairs: {described}"
-                f"{', ...' if len(missing) > 6 else ''}. Fine-tune the model first (DE3 training sets them from "
-                "labelled batches in train mode: Trainer, or model.train(); model(**batch, labels=labels)), "
-                "or exit on entropy alone with lam=0."
+                f"Prototypes are not initialised for {len(missing)} (exit, class) pairs: {_describe(missing)}. "
+                "Fine-tune the model first (DE3 training sets them from labelled batches in train mode: Trainer, or "
+                "model.train(); model(**batch, labels=labels)), or exit on entropy alone with lam=0."
+            )
+        raise RuntimeError(
+            f"Prototypes marked initialised are unusable: {describe_problems(invalid)}. The checkpoint is corrupted or training "
+            "diverged (NaN weights); load a good checkpoint or train again. Entropy alone (lam=0) does not read them."
+        )
+
+    def inconsistent_pairs(self) -> dict[str, list[tuple[int, int]]]:
+        """What training can never leave behind, by reason: a prototype marked initialised but not finite or zero,
+        and one set while marked uninitialised. Empty when consistent."""
+        invalid = self.invalid_pairs()
+        found = {reason: pairs for reason, pairs in invalid.items() if reason != "uninitialised"}
+        set_but_unmarked = (self.prototypes != 0).any(dim=-1) & ~self.initialized
+        if set_but_unmarked.any():
+            layers = self.exit_layers.tolist()
+            found["set while marked uninitialised"] = [(layers[m], k) for m, k in set_but_unmarked.nonzero().tolist()]
+        return found
+
+    def require_finite(self) -> None:
+        """Checks that no prototype holds NaN or inf (before saving, and after an update).
+
+        Raises:
+            FloatingPointError: naming the (layer, class) pairs, and the likely cause.
+        """
+        not_finite = self.invalid_pairs().get("not finite")
+        if not_finite:
+            raise FloatingPointError(
+                f"Prototypes are not finite (NaN or inf) at {_describe(not_finite)}: training diverged (learning rate "
+                "too high, or an fp16 overflow; try a smaller learning rate or bf16). Not saving or using them."
             )
 
 
-__all__ = ["PrototypeMemory"]
+def _describe(pairs: list[tuple[int, int]]) -> str:
+    shown = ", ".join(f"(layer {layer}, class {label})" for layer, label in pairs[:6])
+    return shown + (", ..." if len(pairs) > 6 else "")
+
+
+def describe_problems(problems: dict[str, list[tuple[int, int]]]) -> str:
+    """`{reason: (layer, class) pairs}` (from `invalid_pairs` or `inconsistent_pairs`) as one line for an error."""
+    return "; ".join(f"{reason} at {_describe(pairs)}" for reason, pairs in problems.items())
+
+
+__all__ = ["PrototypeMemory", "describe_problems"]

@@ -76,12 +76,13 @@ def prototype_distances(features: torch.Tensor, prototypes: torch.Tensor, distan
 
 
 def normalized_ratio(near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
-    """`0.5 * (1 + (near - far) / max(near, far))` for non-negative distances, in [0, 1]; 0.5 when both are 0.
+    """`0.5 * (1 + (near - far) / max(near, far))` for non-negative distances, in [0, 1]; 0.5 when both are 0, NaN
+    when either is NaN (never a plausible 0.5).
 
     The form of the distance ratio (docs/method.md eq. 10) and of the alienation loss (eq. 3).
     """
     largest = torch.maximum(near, far)
-    ratio = torch.where(largest > 0, (near - far) / largest.clamp_min(_TINY), torch.zeros_like(largest))
+    ratio = torch.where(largest == 0, torch.zeros_like(largest), (near - far) / largest.clamp_min(_TINY))
     return (0.5 * (1.0 + ratio)).clamp(0.0, 1.0)  # rounding must not leave [0, 1]: thresholds 0 and 1 are exact
 
 
@@ -109,15 +110,16 @@ def hybrid_indicator(entropy: torch.Tensor, ratio: torch.Tensor | None, lam: flo
     """EDR, the weighted harmonic mean of entropy and distance ratio (docs/method.md eq. 11), in [0, 1].
 
     `EDR = (lam + 1) / (lam / DR + 1 / E)`, written as `(lam + 1) E DR / (lam E + DR)` so that it is 0, its limit,
-    when `E = 0` or `DR = 0`. `lam = 0` returns the entropy itself, and `ratio` may then be `None`.
+    when `E = 0` or `DR = 0`. `lam = 0` returns the entropy itself, and `ratio` may then be `None`. A NaN entropy or
+    ratio gives NaN, never 0 ("certain"): no policy leaves on it.
     """
     if lam == 0:
         return entropy
     denominator = lam * entropy + ratio
     edr = torch.where(
-        denominator > 0,
-        (lam + 1.0) * entropy * ratio / denominator.clamp_min(_TINY),
+        denominator == 0,
         torch.zeros_like(denominator),
+        (lam + 1.0) * entropy * ratio / denominator.clamp_min(_TINY),
     )
     return edr.clamp(0.0, 1.0)  # float32 rounding can land one step above 1 when E = DR = 1
 

@@ -21,7 +21,7 @@ def simulate_first_exits(policy: ExitPolicy, views: list[ExitView]) -> torch.Ten
     first = torch.full((num_samples,), len(views), dtype=torch.long)
     left = torch.zeros(num_samples, dtype=torch.bool)
     for index, view in enumerate(views):
-        leave, state = policy.decide(view, state)
+        leave, state = policy.leave(view, state)
         leave = leave.cpu()
         first = torch.where(leave & ~left, index, first)
         left = left | leave

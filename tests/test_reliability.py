@@ -1,0 +1,169 @@
+"""Reliability II: no silent wrong answers (docs/reliability.md). Each test is one guarantee."""
+
+import pytest
+import torch
+
+from de3_transformers.exit_policies import get_exit_policy
+from de3_transformers.signals import hybrid_indicator
+from de3_transformers.simulation import simulate_policy
+
+from conftest import mixed_length_batch, tiny_model, train_prototypes
+
+
+# 1. A NaN or inf anywhere never looks confident.
+
+# Each policy with a setting that sends every finite sample out at the first exit.
+EVERYONE_LEAVES = [
+    ("de3", {"threshold": 2.0, "lam": 1.0}), ("entropy", {"threshold": 2.0}), ("max_prob", {"threshold": -1.0}),
+    ("energy", {"threshold": 2.0}), ("patience", {"patience": 0}), ("patient_confident", {"threshold": 2.0, "patience": 1}),
+    ("learned", {"threshold": -1.0}),
+]
+
+
+@pytest.mark.parametrize("name, parameters", EVERYONE_LEAVES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_no_policy_leaves_on_a_non_finite_exit(name, parameters, bad):
+    model = train_prototypes(tiny_model(learning_to_exit=True))
+    input_ids, attention_mask = mixed_length_batch(batch_size=8)
+    policy = get_exit_policy(name, **parameters)
+    assert set(model.predict_early(input_ids, attention_mask, policy=policy).sample_exit_layers.tolist()) == {1}
+    with torch.no_grad():
+        model.exit_classifiers[0].bias[0] = bad
+    result = model.predict_early(input_ids, attention_mask, policy=policy)
+    assert set(result.sample_exit_layers.tolist()) == {2} and torch.isfinite(result.logits).all()
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask, output_exit_signals=True)
+    replay = simulate_policy(policy, full.exit_logits, model.config.exit_layers, full.entropy, full.distance_ratio,
+                             full.exit_scores)
+    assert torch.equal(replay.sample_exit_layers, result.sample_exit_layers)
+
+
+def test_nan_prototypical_features_never_look_confident():
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=8)
+    with torch.no_grad():
+        model.prototype_networks[0].bias[0] = float("nan")
+    result = model.predict_early(input_ids, attention_mask, threshold=2.0, lam=1.0)
+    assert 1 not in result.sample_exit_layers.tolist()
+
+
+def test_edr_of_nan_is_nan_not_certain():
+    entropy, ratio = torch.tensor([float("nan"), 0.5, 0.0]), torch.tensor([0.5, float("nan"), 0.0])
+    edr = hybrid_indicator(entropy, ratio, 1.0)
+    assert edr[:2].isnan().all() and edr[2] == 0.0  # E = DR = 0 is still the limit 0
+
+
+def test_a_non_finite_answer_raises_naming_the_exit():
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=8)
+    with torch.no_grad():
+        model.classifier.bias[1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"not finite .* exit layer\(s\) \[4\]"):
+        model.predict_early(input_ids, attention_mask, threshold=0.0)
+
+
+# 2. Training never saves NaN silently (the trainer's own check: below, with the trainer tests of this file).
+
+
+def test_saving_refuses_non_finite_prototypes_and_keeps_the_previous_checkpoint(tmp_path):
+    model = train_prototypes(tiny_model())
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.prototype_memory.prototypes[1, 2, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"not finite .*\(layer 2, class 2\).*learning rate"):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_a_non_finite_prototype_update_raises_and_changes_nothing():
+    model = train_prototypes(tiny_model())
+    prototypes = model.prototype_memory.prototypes.clone()
+    features = torch.randn(3, 6, model.config.proto_dim)
+    features[0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="prototype update is not finite"):
+        model.prototype_memory.observe(features, torch.arange(6) % 3, 0.5)
+    assert torch.equal(model.prototype_memory.prototypes, prototypes)
+
+
+# 3. Prototypes are valid before they are used.
+
+
+@pytest.mark.parametrize("value, reason", [(float("nan"), "not finite"), (float("inf"), "not finite"),
+                                           (0.0, "zero")])
+def test_unusable_initialised_prototypes_raise_naming_the_pair(value, reason):
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=4)
+    with torch.no_grad():
+        model.prototype_memory.prototypes[2, 1] = value
+    with pytest.raises(RuntimeError, match=rf"{reason} at \(layer 3, class 1\)"):
+        model.predict_early(input_ids, attention_mask, threshold=0.5, lam=1.0)
+    model.predict_early(input_ids, attention_mask, threshold=0.5, lam=0.0)  # entropy alone does not read them
+
+
+def test_calibration_refuses_unusable_prototypes():
+    from de3_transformers import calibrate
+
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=12)
+    rows = [{"input_ids": ids[mask.bool()].tolist(), "label": index % 3}
+            for index, (ids, mask) in enumerate(zip(input_ids, attention_mask))]
+    with torch.no_grad():
+        model.prototype_memory.prototypes[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"not finite at \(layer 1, class 0\)"):
+        calibrate(model, rows, target_speedup=1.5, lam=1.0)
+
+
+def test_prototypes_of_another_shape_come_back_uninitialised(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    train_prototypes(tiny_model()).save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, proto_dim=16, ignore_mismatched_sizes=True)
+    assert loaded.config.proto_dim == 16 and not loaded.prototype_memory.initialized.any()
+    input_ids, attention_mask = mixed_length_batch(batch_size=4)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        loaded.predict_early(input_ids, attention_mask, threshold=0.5, lam=1.0)
+
+
+# 4. The checkpoint knows which layers its exits were trained at.
+
+
+def test_loading_exits_at_other_layers_than_they_were_trained_at_raises(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = train_prototypes(tiny_model(exit_layers=[2, 4]))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"trained after layers \[2, 4\].*after \[1, 4\].*exit_layers=\[2, 4\]"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, exit_layers=[1, 4])
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)  # its own config: as saved
+    assert loaded.prototype_memory.exit_layers.tolist() == [2]
+
+
+# 8. Load errors name the right cause.
+
+
+def test_the_fit_error_reads_the_saved_sizes_from_the_weights(tmp_path):
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    train_prototypes(tiny_model()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    # A config edited by hand after saving: it no longer tells what the weights hold.
+    config["id2label"] = {str(index): f"L{index}" for index in range(5)}
+    config["label2id"] = {f"L{index}": index for index in range(5)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"which have num_labels=3 and exit_layers=\[1, 2, 3, 4\]"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_a_same_size_corruption_of_the_prototypes_is_caught_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    train_prototypes(tiny_model()).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["prototype_memory.initialized"][1, 0] = False  # a flipped byte: set, but marked uninitialised
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(OSError, match=r"inconsistent .*set while marked uninitialised.*\(layer 2, class 0\)"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
