@@ -267,16 +267,26 @@ def check_number(name: str, value, low: float | None = None, integer: bool = Fal
         raise ValueError(f"{name}={value!r} is out of range: it must be {wanted}{bound}{hint}.")
 
 
+# Beyond this the EDR is the distance ratio to float32 precision; far beyond it, float32 overflows and nothing exits.
+MAX_LAMBDA = 1e6
+
+
 def check_exit_parameters(threshold: float, lam: float) -> None:
     """Checks an exit threshold and the EDR lambda.
 
     Raises:
-        ValueError: if either is not a finite number >= 0 (NaN included).
+        ValueError: if either is not a finite number >= 0 (NaN included), or `lam` exceeds `MAX_LAMBDA`.
     """
     for name, value in (("threshold", threshold), ("lam", lam)):
         check_number(name, value, low=0.0, hint=(
             " (threshold 0 never exits early, a threshold above 1 always exits at the first exit; "
             "lam 0 exits on entropy alone, the paper searches lam in [0, 10])"))
+    if lam > MAX_LAMBDA:
+        raise ValueError(
+            f"lam={lam!r} is out of range: it must be at most {MAX_LAMBDA:g}. Beyond that the EDR is the distance "
+            "ratio alone to float32 precision, and past 3e38 the score overflows and no sample ever exits; use "
+            f"lam={MAX_LAMBDA:g} for the distance ratio alone (the paper searches lam in [0, 10])."
+        )
 
 
 @strict
@@ -316,6 +326,7 @@ __all__ = [
     "DE3ConfigMixin",
     "DE3RobertaConfig",
     "EXIT_POOLINGS",
+    "MAX_LAMBDA",
     "check_exit_parameters",
     "check_number",
 ]

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from .exit_policies import ExitPolicy, ExitView
+from .input_checks import check_labels
 from .modeling_outputs import DE3EarlyExitOutput
 from .signals import distance_ratio
 from .token_exit import class_attention, prune_tokens, running_average
@@ -138,14 +139,14 @@ def run_exit(model, exit_index: int, batch: RunningBatch, features: bool = True,
     return ExitOutputs(logits, outputs.features, outputs.scores)
 
 
-def check_policy(model, policy: ExitPolicy, batch_size: int, labels: torch.Tensor | None) -> None:
-    """Checks that the model and inputs give `policy` what it reads.
+def check_policy(model, policy: ExitPolicy, batch_size: int, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Checks that the model and inputs give `policy` what it reads. Returns `labels` as class ids (or `None`).
 
     Raises:
         RuntimeError: when the policy reads the distance ratio and some prototype is unusable (never initialised,
             not finite, or zero).
-        ValueError: for `"learned"` on a model without learning-to-exit heads, or a policy that needs labels (the
-            oracle) without one per sample.
+        ValueError: for `"learned"` on a model without learning-to-exit heads, a policy that needs labels (the
+            oracle) without them, or labels that are not one class id per sample.
     """
     if policy.needs_distance_ratio:
         model.prototype_memory.require_usable()
@@ -154,8 +155,11 @@ def check_policy(model, policy: ExitPolicy, batch_size: int, labels: torch.Tenso
             f"policy {policy.name!r} reads learning-to-exit scores, but this model has no learning-to-exit heads; "
             "train it with learning_to_exit=True in its config."
         )
-    if policy.needs_labels and (labels is None or labels.shape != (batch_size,)):
+    if policy.needs_labels and labels is None:
         raise ValueError(f"policy {policy.name!r} needs labels=, one class id per sample of the batch.")
+    if labels is None:
+        return None
+    return check_labels(labels.to(model.device), batch_size, model.config.num_labels)
 
 
 @contextmanager

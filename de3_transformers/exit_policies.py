@@ -398,11 +398,15 @@ def build_exit_policy(
     Raises:
         ValueError: for an unknown name, a parameter out of range, parameters beside a policy object, or a policy
             other than the configured one without its threshold.
+        TypeError: for a parameter given as a tensor.
     """
     if isinstance(policy, ExitPolicy):
         if any(value is not None for value in (threshold, lam, patience)):
             raise ValueError("Pass threshold/lam/patience either to predict_early or on the policy object, not both.")
         return policy
+    for parameter, value in (("threshold", threshold), ("lam", lam), ("patience", patience)):
+        if isinstance(value, torch.Tensor):  # a tensor here would skip the checks (only replays sweep tensors)
+            raise TypeError(f"{parameter} must be a Python number, got a tensor; pass {parameter}=float(value).")
     name = config.early_exit_policy if policy is None else policy
     if threshold is None:
         if name == config.early_exit_policy:

@@ -8,10 +8,10 @@ def check_inputs(model, input_ids, attention_mask=None, token_type_ids=None, inp
     with a message that does not say what to fix (or, on a GPU, as a device assert).
 
     Raises:
-        TypeError: for inputs that are not tensors, or `input_ids` that are not integer ids.
+        TypeError: for inputs that are not tensors, or `input_ids` that are not `torch.long` / `int32` ids.
         ValueError: for a missing, empty or wrongly shaped input, one longer than the model's positions, one on
-            another device than the model, a row of `attention_mask` with no attended token, or token ids outside the
-            vocabulary.
+            another device than the model, an `attention_mask` of other values than 0 and 1 or with a row that attends
+            to no token, token ids outside the vocabulary, or `token_type_ids` outside `[0, type_vocab_size)`.
     """
     named = (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
              ("inputs_embeds", inputs_embeds))
@@ -23,8 +23,11 @@ def check_inputs(model, input_ids, attention_mask=None, token_type_ids=None, inp
     main = input_ids if input_ids is not None else inputs_embeds
     if main is None:
         raise ValueError("Pass input_ids (or inputs_embeds to forward).")
-    if input_ids is not None and (input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool):
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    if input_ids is not None and input_ids.dtype not in (torch.long, torch.int32):
+        raise TypeError(
+            f"input_ids must hold integer token ids as torch.long (or int32), got dtype {input_ids.dtype}: a smaller "
+            "integer type cannot hold a vocabulary's ids. Tokenize with return_tensors='pt', or cast with .long()."
+        )
     if main.dim() != (2 if input_ids is not None else 3) or main.shape[0] == 0 or main.shape[1] == 0:
         raise ValueError(
             f"input_ids must be a non-empty [batch_size, sequence_length] tensor, got shape {tuple(main.shape)}."
@@ -44,22 +47,46 @@ def check_inputs(model, input_ids, attention_mask=None, token_type_ids=None, inp
                 f"{name} is on {tensor.device} but the model is on {model.device}; move the inputs with "
                 f"`.to(model.device)` (or the model with `model.to({str(tensor.device)!r})`)."
             )
-    if attention_mask is not None and attention_mask.dim() == 2 and not attention_mask.any(dim=-1).all():
+    _check_values(model, input_ids, attention_mask, token_type_ids)
+
+
+def _check_values(model, input_ids, attention_mask, token_type_ids) -> None:
+    # Every value check reads one reduction, and all of them come to the host in one synchronisation.
+    reductions = {}
+    if attention_mask is not None:
+        attended = attention_mask != 0
+        reductions["mask not 0/1"] = (attended & (attention_mask != 1)).sum()
+        reductions["rows attending nothing"] = (~attended.any(dim=-1)).sum()
+    for name, tensor in (("input_ids", input_ids), ("token_type_ids", token_type_ids)):
+        if tensor is not None:
+            reductions[f"{name} min"], reductions[f"{name} max"] = tensor.min(), tensor.max()
+    if not reductions:
+        return
+    values = dict(zip(reductions, torch.stack([value.double() for value in reductions.values()]).tolist()))
+    if values.get("mask not 0/1"):
+        found = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:4].tolist()
+        raise ValueError(
+            f"attention_mask must hold 1 for the tokens to attend and 0 for padding; it holds {found}. An additive mask "
+            "(0 and -inf) or a signed one (-1 and 1) would attend to padding here: pass the tokenizer's attention_mask."
+        )
+    if values.get("rows attending nothing"):
         # A row that attends to nothing would come out of attention as NaN.
-        empty = (~attention_mask.any(dim=-1)).nonzero().flatten().tolist()
+        empty = (attention_mask == 0).all(dim=-1).nonzero().flatten().tolist()
         raise ValueError(f"Rows {empty[:8]} of attention_mask attend to no token; drop them or fix the mask.")
-    if input_ids is not None:
-        # An out-of-range id would fail deep in the embedding (on a GPU, as a device assert).
-        low, high = (int(value) for value in input_ids.aminmax())
-        if low < 0 or high >= model.config.vocab_size:
-            raise ValueError(
-                f"input_ids hold token ids in [{low}, {high}] but the vocabulary has {model.config.vocab_size}; "
-                "use the tokenizer that belongs to this model."
-            )
+    # An id out of range would fail deep in the embedding (on a GPU, as a device assert).
+    limits = (("input_ids", "token ids", "the vocabulary has", model.config.vocab_size,
+               "use the tokenizer that belongs to this model"),
+              ("token_type_ids", "segment ids", "type_vocab_size is", model.config.type_vocab_size,
+               "pass the token_type_ids of this model's tokenizer (RoBERTa has one segment type: leave them out)"))
+    for name, ids, what, size, fix in limits:
+        if f"{name} min" in values:
+            low, high = int(values[f"{name} min"]), int(values[f"{name} max"])
+            if low < 0 or high >= size:
+                raise ValueError(f"{name} hold {ids} in [{low}, {high}] but {what} {size}; {fix}.")
 
 
 def check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> torch.Tensor:
-    """`labels` as a flat `[batch_size]` tensor, checked to be class ids.
+    """`labels` as a flat `[batch_size]` `torch.long` tensor (any integer dtype is accepted), checked to be class ids.
 
     Raises:
         ValueError: for a count other than one per sample, or values that are not integer ids in `[0, num_labels)`.
@@ -72,7 +99,7 @@ def check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> torc
             f"labels must be integer class indices in [0, {num_labels}); got {labels.tolist()[:8]}"
             " (first values). Map your labels with config.label2id."
         )
-    return labels
+    return labels.long()  # int32, int16 or uint8 ids are fine, as in `transformers`'s own heads
 
 
 __all__ = ["check_inputs", "check_labels"]

@@ -245,9 +245,7 @@ class DE3ModelMixin(DE3CheckpointMixin):
         """
         policy = build_exit_policy(self.config, policy, threshold=threshold, lam=lam, patience=patience)
         check_inputs(self, input_ids, attention_mask, token_type_ids)
-        check_policy(self, policy, input_ids.shape[0], labels)
-        if policy.needs_labels:
-            labels = labels.to(input_ids.device)
+        labels = check_policy(self, policy, input_ids.shape[0], labels)
         with eval_mode(self):
             return run_early_exit(self, input_ids, attention_mask, token_type_ids, policy, labels)
 

@@ -128,10 +128,30 @@ class DE3Trainer(Trainer):
             memory.discard_pending()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss; in training also its parts for the logs, and a check that it is finite.
+
+        Raises:
+            FloatingPointError: when the training loss is NaN or inf, before the step is taken (on every process).
+        """
         outputs = model(**{**inputs, "output_exit_signals": True})
         if model.training and "labels" in inputs:
+            self._check_finite(outputs.loss)
             self._accumulate_parts(outputs, inputs["labels"])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        # The Trainer itself would log a non-finite loss as the running mean (`logging_nan_inf_filter`) and go on
+        # training, then save NaN weights. Every process learns of any process's NaN, so all stop together.
+        not_finite = (~torch.isfinite(loss.detach())).float()
+        if self.accelerator.num_processes > 1:
+            not_finite = self.accelerator.reduce(not_finite, reduction="sum")
+        if not_finite.item():
+            raise FloatingPointError(
+                f"The training loss is not finite at step {self.state.global_step + 1} (epoch "
+                f"{self.state.epoch or 0:.2f}): training diverged, and it was stopped before the step was taken. Likely "
+                f"causes: a learning rate too high ({self.args.learning_rate:g}), or an fp16 overflow (train in bf16 or "
+                "fp32, or lower the learning rate)."
+            )
 
     @torch.no_grad()
     def _accumulate_parts(self, outputs, labels) -> None:

@@ -167,3 +167,81 @@ def test_a_same_size_corruption_of_the_prototypes_is_caught_at_load(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(OSError, match=r"inconsistent .*set while marked uninitialised.*\(layer 2, class 0\)"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_training_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path):
+    from datasets import Dataset
+
+    from de3_transformers import DE3Trainer, DE3TrainingArguments
+
+    model = tiny_model()
+    input_ids, attention_mask = mixed_length_batch(batch_size=24, seed=3)
+    data = Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
+                              "labels": [index % 3 for index in range(24)]})
+    args = DE3TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e6,
+                                num_train_epochs=3, use_cpu=True, report_to=[], save_strategy="steps", save_steps=2,
+                                logging_steps=1, seed=0)
+    with pytest.raises(FloatingPointError, match=r"not finite at step \d+ .*learning rate too high \(1e\+06\)"):
+        DE3Trainer(model=model, args=args, train_dataset=data).train()
+    memory = model.prototype_memory
+    assert torch.isfinite(memory.prototypes).all() and memory.defer_updates is False
+    for checkpoint in tmp_path.glob("checkpoint-*"):  # whatever was saved before the divergence is finite
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(tensor).all() for tensor in load_file(checkpoint / "model.safetensors").values()
+                   if tensor.is_floating_point())
+
+
+# 7. Inputs validated, each with an error that names the fix.
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    (lambda ids, mask, types: (ids, mask, types.fill_(2)), ValueError, r"token_type_ids hold segment ids in \[2, 2\]"),
+    (lambda ids, mask, types: (ids, torch.zeros_like(mask, dtype=torch.float).masked_fill(mask == 0, -float("inf")),
+                               types), ValueError, "attention_mask must hold 1 .* 0 for padding.*-inf"),
+    (lambda ids, mask, types: (ids, mask * 2 - 1, types), ValueError, r"it holds \[-1\].*signed"),
+    (lambda ids, mask, types: (ids.to(torch.int8), mask, types), TypeError, "int8.*cast with .long()"),
+])
+def test_inputs_that_would_give_a_silent_wrong_answer_are_rejected(edit, error, message):
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=4)
+    input_ids, attention_mask, token_type_ids = edit(input_ids % 100, attention_mask, torch.zeros_like(input_ids))
+    with pytest.raises(error, match=message):
+        model.predict_early(input_ids, attention_mask, token_type_ids, threshold=0.5)
+    with pytest.raises(error, match=message):
+        model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+def test_a_lambda_that_would_overflow_the_score_is_rejected():
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=4)
+    with pytest.raises(ValueError, match=r"lam=1e\+39 is out of range: it must be at most 1e\+06"):
+        model.predict_early(input_ids, attention_mask, threshold=0.5, lam=1e39)
+
+
+def test_a_threshold_given_as_a_tensor_is_rejected():
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=4)
+    with pytest.raises(TypeError, match=r"threshold must be a Python number.*float\(value\)"):
+        model.predict_early(input_ids, attention_mask, threshold=torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_labels_of_any_integer_dtype_are_class_ids(dtype):
+    model = train_prototypes(tiny_model())  # eval mode: the loss, without dropout or a prototype update
+    input_ids, attention_mask = mixed_length_batch(batch_size=6)
+    labels = torch.arange(6) % 3
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    torch.testing.assert_close(
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels.to(dtype)).loss, expected)
+
+
+@pytest.mark.parametrize("policy, labels, message", [
+    ("entropy", torch.tensor([0, 1]), "Got 2 labels for a batch of 4"),
+    ("oracle", torch.tensor([0, 1, 2, 7]), r"class indices in \[0, 3\)"),
+])
+def test_predict_early_checks_the_labels_it_is_given(policy, labels, message):
+    model = train_prototypes(tiny_model())
+    input_ids, attention_mask = mixed_length_batch(batch_size=4)
+    with pytest.raises(ValueError, match=message):
+        model.predict_early(input_ids, attention_mask, policy=policy, threshold=0.5, labels=labels)
