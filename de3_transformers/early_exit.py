@@ -9,7 +9,6 @@ from the batch with `RunningBatch.select`, so each sample costs only the layers 
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -162,28 +161,6 @@ def check_policy(model, policy: ExitPolicy, batch_size: int, labels: torch.Tenso
     return check_labels(labels.to(model.device), batch_size, model.config.num_labels)
 
 
-@contextmanager
-def eval_mode(model, device=None):
-    """Runs a `with` block with `model` in eval mode, moved to `device` if one is given, and puts its mode and device
-    back afterwards."""
-    # On the hot path of `predict_early` (no device, eval mode already) this touches nothing: switching modes and
-    # looking up the device each walk the modules.
-    was_training = model.training
-    home = model.device if device is not None else None
-    moved = home is not None and torch.device(device) != home
-    if was_training:
-        model.eval()
-    if moved:
-        model.to(device)
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
-        if moved:
-            model.to(home)
-
-
 def _compacted_size(num_live: int, current: int) -> int:
     multiple = COMPACTION_MULTIPLE
     return num_live if num_live < multiple else min(current, -(-num_live // multiple) * multiple)
@@ -268,7 +245,6 @@ __all__ = [
     "TokenExitState",
     "check_policy",
     "encoder_steps",
-    "eval_mode",
     "run_early_exit",
     "run_exit",
     "run_layer",

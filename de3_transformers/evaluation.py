@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from .batching import labelled_batches, progress
-from .early_exit import eval_mode
 from .exit_policies import ExitPolicy, build_exit_policy
 from .flops import FlopsCounter
+from .modes import eval_mode
 from .simulation import exit_views, layer_speedup
 
 

@@ -18,7 +18,6 @@ from .early_exit import (
     ExitOutputs,
     check_policy,
     encoder_steps,
-    eval_mode,
     run_early_exit,
     run_exit,
     run_layer,
@@ -28,6 +27,7 @@ from .exit_policies import ExitPolicy, build_exit_policy
 from .input_checks import check_inputs, check_labels
 from .losses import distance_aware_regularization, layer_weighted_loss, learning_to_exit_loss
 from .modeling_outputs import DE3EarlyExitOutput, DE3SequenceClassifierOutput
+from .modes import without_dropout
 from .objectives import get_training_objective
 from .prototypes import PrototypeMemory
 from .signals import distance_ratio, normalized_entropy
@@ -246,7 +246,7 @@ class DE3ModelMixin(DE3CheckpointMixin):
         policy = build_exit_policy(self.config, policy, threshold=threshold, lam=lam, patience=patience)
         check_inputs(self, input_ids, attention_mask, token_type_ids)
         labels = check_policy(self, policy, input_ids.shape[0], labels)
-        with eval_mode(self):
+        with without_dropout(self):
             return run_early_exit(self, input_ids, attention_mask, token_type_ids, policy, labels)
 
 

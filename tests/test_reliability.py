@@ -245,3 +245,26 @@ def test_predict_early_checks_the_labels_it_is_given(policy, labels, message):
     input_ids, attention_mask = mixed_length_batch(batch_size=4)
     with pytest.raises(ValueError, match=message):
         model.predict_early(input_ids, attention_mask, policy=policy, threshold=0.5, labels=labels)
+
+
+# 5. predict_early is safe to call from several threads on one model, in any mode.
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_predict_early_from_several_threads_equals_the_sequential_answers(mode):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = train_prototypes(tiny_model(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5))
+    batches = [mixed_length_batch(batch_size=16, seed=seed) for seed in range(12)]
+    expected = [model.predict_early(ids, mask, threshold=0.9, lam=1.0) for ids, mask in batches]
+    model.train(mode == "train")
+    if mode == "train":
+        model.bert.embeddings.eval()  # a frozen part inside a model in train mode
+    modes = {name: module.training for name, module in model.named_modules()}
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda batch: model.predict_early(*batch, threshold=0.9, lam=1.0), batches * 8))
+    for index, answer in enumerate(answers):
+        reference = expected[index % len(batches)]
+        assert torch.equal(answer.sample_exit_layers, reference.sample_exit_layers)
+        torch.testing.assert_close(answer.logits, reference.logits, atol=1e-5, rtol=0)
+    assert {name: module.training for name, module in model.named_modules()} == modes
