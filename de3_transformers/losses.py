@@ -153,6 +153,23 @@ class COSEEState:
         self.low, self.high = -float(seen[0]), float(seen[1])
         self._seen = None
 
+    def merge_seen(self, reduce_max, device) -> None:
+        """Merges this epoch's observations so far over every process (`reduce_max`, e.g. an all-reduce with MAX; every
+        process must call it), so that any one process holds them all: before a checkpoint is saved from one of them.
+        The merged range is the one `end_epoch` would have formed anyway (a max of maxes)."""
+        seen = self._seen if self._seen is not None else torch.full((2,), -torch.inf, device=device)
+        seen = reduce_max(seen.to(device))
+        self._seen = seen if torch.isfinite(seen).all() else None
+
+    def state_dict(self) -> dict:
+        """The state a resumed run needs (plain numbers, for the trainer's JSON state); progress follows the step."""
+        return {"low": self.low, "high": self.high, "seen": None if self._seen is None else self._seen.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what [`state_dict`] gave."""
+        self.low, self.high = float(state["low"]), float(state["high"])
+        self._seen = None if state["seen"] is None else torch.tensor(state["seen"], dtype=torch.float32)
+
     def thresholds(self, count: int, device) -> torch.Tensor:
         """`count` thresholds drawn uniformly from the current range (torch's global generator)."""
         return self.low + (self.high - self.low) * torch.rand(count, device=device)

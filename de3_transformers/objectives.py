@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .losses import COSEEState, ExitEnsembleTeacher, cosee_loss, joint_cross_entropy, self_distillation_loss
 from .registry import TRAINING_OBJECTIVES
@@ -116,13 +117,37 @@ class MPEEObjective(TrainingObjective):
         return ObjectiveLoss(joint_cross_entropy(exit_logits, labels), kd_loss, {"kd_loss": kd_loss})
 
 
-class COSEECallback(TrainerCallback):
+class COSEECallback(TrainerCallback, ExportableState):
     """Keeps a COSEE model's training state current (docs/method.md section 4): the progress `t / T` that warms up
     `beta_t`, and at the end of each epoch the exit-signal range the next epoch draws its thresholds from, merged over
-    every process under DDP so that all of them draw from the same range."""
+    every process under DDP so that all of them draw from the same range.
+
+    The range and this epoch's observations go into every checkpoint (the trainer state's `stateful_callbacks`) and
+    come back when training resumes from it, so a resumed run draws the same thresholds as an uninterrupted one.
+    """
+
+    def __init__(self):
+        self._cosee_state = None  # the model's, from the start of training
+
+    def state(self) -> dict:
+        attributes = {} if self._cosee_state is None else {"cosee_state": self._cosee_state.state_dict()}
+        return {"args": {}, "attributes": attributes}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._cosee_state = model.cosee_state
+        # Restored here rather than by the Trainer, which restores callbacks only with
+        # `restore_callback_states_from_checkpoint`: a run resumed without it would silently draw other thresholds.
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__, {})
+        saved = saved.get("attributes", {}).get("cosee_state") if isinstance(saved, dict) else None
+        if saved is not None:
+            model.cosee_state.load_state_dict(saved)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         model.cosee_state.progress = state.global_step / max(state.max_steps, 1)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and args.world_size > 1:  # the checkpoint is written from one process
+            model.cosee_state.merge_seen(_all_reduce_max, next(model.parameters()).device)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         model.cosee_state.end_epoch(reduce_max=_all_reduce_max)

@@ -268,3 +268,42 @@ def test_predict_early_from_several_threads_equals_the_sequential_answers(mode):
         assert torch.equal(answer.sample_exit_layers, reference.sample_exit_layers)
         torch.testing.assert_close(answer.logits, reference.logits, atol=1e-5, rtol=0)
     assert {name: module.training for name, module in model.named_modules()} == modes
+
+
+# 6. COSEE and MPEE training resume exactly.
+
+
+@pytest.mark.parametrize("objective", [dict(training_objective="cosee"),
+                                       dict(training_objective="mpee", token_exit_ratio=0.5, exit_memory=0.9)])
+def test_resumed_cosee_and_mpee_training_continue_like_uninterrupted_training(tmp_path, objective):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from de3_transformers import DE3Trainer, DE3TrainingArguments
+
+    class StopAfterThreeSteps(TrainerCallback):  # in the middle of the second epoch
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    def arguments(folder, **overrides):
+        return DE3TrainingArguments(output_dir=str(folder), per_device_train_batch_size=4, learning_rate=1e-3,
+                                    max_steps=6, use_cpu=True, report_to=[], logging_steps=1, seed=0,
+                                    train_sampling_strategy="sequential", **overrides)
+
+    input_ids, attention_mask = mixed_length_batch(batch_size=8, seed=3)
+    data = Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
+                              "labels": [index % 3 for index in range(8)]})
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **objective)
+    straight = tiny_model(**no_dropout)
+    DE3Trainer(model=straight, args=arguments(tmp_path / "a", save_strategy="no"), train_dataset=data).train()
+    args = arguments(tmp_path / "b", save_strategy="steps", save_steps=3)
+    DE3Trainer(model=tiny_model(**no_dropout), args=args, train_dataset=data,
+               callbacks=[StopAfterThreeSteps()]).train()
+    resumed = tiny_model(seed=99, **no_dropout)
+    DE3Trainer(model=resumed, args=args, train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    for (name, expected), actual in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0, msg=name)
+    if objective["training_objective"] == "cosee":
+        assert (resumed.cosee_state.low, resumed.cosee_state.high) == (straight.cosee_state.low,
+                                                                       straight.cosee_state.high)
