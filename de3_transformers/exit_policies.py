@@ -65,13 +65,11 @@ class ExitView:
 
     @property
     def finite(self) -> torch.Tensor:
-        """`[N]` bool: whether every output of the exit the policy may read is finite for each sample. A row sum is
-        finite exactly when the row is (one reduction instead of a test per element)."""
-        finite = torch.isfinite(self.logits.sum(dim=-1))
-        for signal in (self.distance_ratio, self.exit_scores):
-            if signal is not None:
-                finite = finite & torch.isfinite(signal)
-        return finite
+        """`[N]` bool: whether the exit's logits are finite for each sample (a row sum is finite exactly when the row
+        is: one reduction instead of a test per element). The distance ratio and the learning-to-exit score need no
+        test of their own: they read the same pooled features as the logits, and a NaN in their own weights makes
+        them NaN, which no threshold rule passes."""
+        return torch.isfinite(self.logits.sum(dim=-1))
 
 
 def select_rows(state: Any, rows: torch.Tensor) -> Any:

@@ -52,37 +52,41 @@ def check_inputs(model, input_ids, attention_mask=None, token_type_ids=None, inp
 
 def _check_values(model, input_ids, attention_mask, token_type_ids) -> None:
     # Every value check reads one reduction, and all of them come to the host in one synchronisation.
-    reductions = {}
-    if attention_mask is not None:
-        attended = attention_mask != 0
-        reductions["mask not 0/1"] = (attended & (attention_mask != 1)).sum()
-        reductions["rows attending nothing"] = (~attended.any(dim=-1)).sum()
-    for name, tensor in (("input_ids", input_ids), ("token_type_ids", token_type_ids)):
+    reductions = []
+    for tensor in (input_ids, token_type_ids):
         if tensor is not None:
-            reductions[f"{name} min"], reductions[f"{name} max"] = tensor.min(), tensor.max()
-    if not reductions:
-        return
-    values = dict(zip(reductions, torch.stack([value.double() for value in reductions.values()]).tolist()))
-    if values.get("mask not 0/1"):
-        found = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:4].tolist()
-        raise ValueError(
-            f"attention_mask must hold 1 for the tokens to attend and 0 for padding; it holds {found}. An additive mask "
-            "(0 and -inf) or a signed one (-1 and 1) would attend to padding here: pass the tokenizer's attention_mask."
-        )
-    if values.get("rows attending nothing"):
-        # A row that attends to nothing would come out of attention as NaN.
-        empty = (attention_mask == 0).all(dim=-1).nonzero().flatten().tolist()
-        raise ValueError(f"Rows {empty[:8]} of attention_mask attend to no token; drop them or fix the mask.")
+            reductions += tensor.aminmax()
+    if attention_mask is not None:
+        mask = attention_mask if attention_mask.dtype != torch.bool else attention_mask.long()
+        reductions += [*mask.aminmax(), mask.sum(dim=-1).amin()]
+    dtypes = {tensor.dtype for tensor in reductions}
+    if len(dtypes) > 1:
+        reductions = [tensor.double() for tensor in reductions]
+    values = torch.stack(reductions).tolist()
+    if attention_mask is not None:
+        *values, mask_low, mask_high, fewest_attended = values
+        if mask_low < 0 or mask_high > 1:
+            found = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:4].tolist()
+            raise ValueError(
+                f"attention_mask must hold 1 for the tokens to attend and 0 for padding; it holds {found}. An "
+                "additive mask (0 and -inf) or a signed one (-1 and 1) would attend to padding here: pass the "
+                "tokenizer's attention_mask."
+            )
+        if fewest_attended <= 0:
+            # A row that attends to nothing would come out of attention as NaN.
+            empty = (attention_mask == 0).all(dim=-1).nonzero().flatten().tolist()
+            raise ValueError(f"Rows {empty[:8]} of attention_mask attend to no token; drop them or fix the mask.")
     # An id out of range would fail deep in the embedding (on a GPU, as a device assert).
-    limits = (("input_ids", "token ids", "the vocabulary has", model.config.vocab_size,
+    limits = (("input_ids", input_ids, "token ids", "the vocabulary has", model.config.vocab_size,
                "use the tokenizer that belongs to this model"),
-              ("token_type_ids", "segment ids", "type_vocab_size is", model.config.type_vocab_size,
+              ("token_type_ids", token_type_ids, "segment ids", "type_vocab_size is", model.config.type_vocab_size,
                "pass the token_type_ids of this model's tokenizer (RoBERTa has one segment type: leave them out)"))
-    for name, ids, what, size, fix in limits:
-        if f"{name} min" in values:
-            low, high = int(values[f"{name} min"]), int(values[f"{name} max"])
-            if low < 0 or high >= size:
-                raise ValueError(f"{name} hold {ids} in [{low}, {high}] but {what} {size}; {fix}.")
+    for name, tensor, ids, what, size, fix in limits:
+        if tensor is None:
+            continue
+        low, high, *values = values
+        if low < 0 or high >= size:
+            raise ValueError(f"{name} hold {ids} in [{int(low)}, {int(high)}] but {what} {size}; {fix}.")
 
 
 def check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> torch.Tensor:

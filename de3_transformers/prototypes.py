@@ -26,6 +26,7 @@ class PrototypeMemory(nn.Module):
         # never broadcast by DDP.
         self.defer_updates = False
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._usable_state = None  # the tensors and versions `require_usable` last passed
 
     @property
     def all_initialized(self) -> bool:
@@ -109,13 +110,19 @@ class PrototypeMemory(nn.Module):
 
     def require_usable(self) -> None:
         """Checks that every prototype was set by training and holds finite, non-zero values, before anything reads
-        the distance ratio (`predict_early`, calibration).
+        the distance ratio (`predict_early`, calibration). A passed check is remembered until the prototypes or the
+        mask change (in place, by a load, or by moving the model), so serving pays for it once.
 
         Raises:
             RuntimeError: naming the (layer, class) pairs that are unusable, why, and what to do.
         """
+        # Tensor version counters go up with every in-place change; moving or loading makes new tensors.
+        state = (id(self.prototypes), self.prototypes._version, id(self.initialized), self.initialized._version)
+        if state == self._usable_state:
+            return
         invalid = self.invalid_pairs()
         if not invalid:
+            self._usable_state = state
             return
         if "uninitialised" in invalid:
             missing = invalid["uninitialised"]
@@ -125,8 +132,8 @@ class PrototypeMemory(nn.Module):
                 "model.train(); model(**batch, labels=labels)), or exit on entropy alone with lam=0."
             )
         raise RuntimeError(
-            f"Prototypes marked initialised are unusable: {describe_problems(invalid)}. The checkpoint is corrupted or training "
-            "diverged (NaN weights); load a good checkpoint or train again. Entropy alone (lam=0) does not read them."
+            f"Prototypes marked initialised are unusable: {describe_problems(invalid)}. The checkpoint is corrupted "
+            "or training diverged (NaN weights); load a good checkpoint or train again. Entropy alone (lam=0) does not read them."
         )
 
     def inconsistent_pairs(self) -> dict[str, list[tuple[int, int]]]:

@@ -15,7 +15,8 @@ from conftest import mixed_length_batch, tiny_model, train_prototypes
 # Each policy with a setting that sends every finite sample out at the first exit.
 EVERYONE_LEAVES = [
     ("de3", {"threshold": 2.0, "lam": 1.0}), ("entropy", {"threshold": 2.0}), ("max_prob", {"threshold": -1.0}),
-    ("energy", {"threshold": 2.0}), ("patience", {"patience": 0}), ("patient_confident", {"threshold": 2.0, "patience": 1}),
+    ("energy", {"threshold": 2.0}), ("patience", {"patience": 0}),
+    ("patient_confident", {"threshold": 2.0, "patience": 1}),
     ("learned", {"threshold": -1.0}),
 ]
 
@@ -94,8 +95,9 @@ def test_a_non_finite_prototype_update_raises_and_changes_nothing():
 def test_unusable_initialised_prototypes_raise_naming_the_pair(value, reason):
     model = train_prototypes(tiny_model())
     input_ids, attention_mask = mixed_length_batch(batch_size=4)
+    model.predict_early(input_ids, attention_mask, threshold=0.5, lam=1.0)  # passes, and is remembered
     with torch.no_grad():
-        model.prototype_memory.prototypes[2, 1] = value
+        model.prototype_memory.prototypes[2, 1] = value  # an in-place change: checked again
     with pytest.raises(RuntimeError, match=rf"{reason} at \(layer 3, class 1\)"):
         model.predict_early(input_ids, attention_mask, threshold=0.5, lam=1.0)
     model.predict_early(input_ids, attention_mask, threshold=0.5, lam=0.0)  # entropy alone does not read them
