@@ -133,7 +133,8 @@ class PrototypeMemory(nn.Module):
             )
         raise RuntimeError(
             f"Prototypes marked initialised are unusable: {describe_problems(invalid)}. The checkpoint is corrupted "
-            "or training diverged (NaN weights); load a good checkpoint or train again. Entropy alone (lam=0) does not read them."
+            "or training diverged (NaN weights); load a good checkpoint or train again. Entropy alone (lam=0) does "
+            "not read them."
         )
 
     def inconsistent_pairs(self) -> dict[str, list[tuple[int, int]]]:
