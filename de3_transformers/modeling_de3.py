@@ -216,8 +216,9 @@ class DE3ModelMixin(DE3CheckpointMixin):
         DE3: the first exit whose EDR is below `threshold`).
 
         Runs the encoder layer by layer and removes the samples that left from the batch before the next layer,
-        so each sample costs only the layers it used, at any batch size. Dropout is off while it runs (the model's
-        train/eval mode is restored afterwards).
+        so each sample costs only the layers it used, at any batch size. Dropout is off while it runs, in any mode:
+        each module's train/eval mode is restored afterwards, and several threads may call it on one model. No sample
+        leaves on an exit whose outputs are not finite.
 
         Args:
             input_ids: `[batch_size, sequence_length]`, on the model's device.
