@@ -135,7 +135,6 @@ class DE3CheckpointMixin:
         return model
 
 
-
 def _verify_loaded(model, path, info: dict) -> None:
     """Checks a loaded DE3 model against what its weights say (see `DE3CheckpointMixin.from_pretrained`)."""
     memory, config = model.prototype_memory, model.config
