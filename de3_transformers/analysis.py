@@ -65,12 +65,12 @@ def correctness_estimation_accuracy(signals: ExitSignals, threshold: float = 0.2
     Returns:
         `{"layers": [...], "entropy": [...], "edr": [...]}`, accuracies in [0, 1] (no `"edr"` without the ratio).
     """
-    correct = signals.exit_logits[:-1].argmax(dim=-1) == signals.labels  # [E-1, N]
+    correct = signals.exit_logits[:, :-1].argmax(dim=-1) == signals.labels.view(-1, 1)  # [N, E-1]
     result = {"layers": signals.exit_layers[:-1],
-              "entropy": ((signals.entropy < threshold) == correct).double().mean(dim=1).tolist()}
+              "entropy": ((signals.entropy < threshold) == correct).double().mean(dim=0).tolist()}
     if signals.distance_ratio is not None:
         edr = hybrid_indicator(signals.entropy, signals.distance_ratio, lam)
-        result["edr"] = ((edr < threshold) == correct).double().mean(dim=1).tolist()
+        result["edr"] = ((edr < threshold) == correct).double().mean(dim=0).tolist()
     return result
 
 
@@ -86,7 +86,7 @@ def signal_rank_correlation(signals: ExitSignals) -> dict:
     if signals.distance_ratio is None:
         raise ValueError("The signals have no distance ratio (prototypes not initialised); train the model first.")
     values = []
-    for entropy, ratio in zip(signals.entropy, signals.distance_ratio):
+    for entropy, ratio in zip(signals.entropy.T, signals.distance_ratio.T):  # one pair of columns per exit
         values.append(float(spearmanr(entropy.numpy(), ratio.numpy()).statistic))
     return {"layers": signals.exit_layers[:-1], "spearman": values}
 

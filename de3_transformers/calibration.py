@@ -165,7 +165,7 @@ def tradeoff_curve(
     base = get_exit_policy(policy, lam=lam, patience=patience)
     signals.check_readable_by(base)
     views = signals.views()
-    predictions = signals.exit_logits.argmax(dim=-1)  # [E, N]
+    predictions = signals.exit_logits.argmax(dim=-1).T  # [E, N]: one row per exit, as `_point` gathers them
     layers = torch.tensor(signals.exit_layers)
     if base.sweep is None:
         return [_point(signals, base, simulate_first_exits(base, views), predictions, metric_fn, layers)]
@@ -329,7 +329,7 @@ def calibrate(
         )
     best_key = max(chosen, key=lambda key: (chosen[key].accuracy, chosen[key].speedup))
     best = chosen[best_key]
-    full_accuracy = float((signals.exit_logits[-1].argmax(dim=-1) == signals.labels).double().mean())
+    full_accuracy = float((signals.exit_logits[:, -1].argmax(dim=-1) == signals.labels).double().mean())
     if save:
         if best.policy in EXIT_POLICIES:
             config.early_exit_policy = best.policy

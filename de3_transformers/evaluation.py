@@ -21,9 +21,10 @@ MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 class ExitSignals:
     """Everything a policy needs, from one full-depth pass over a labelled data set (all on CPU).
 
-    `exit_logits` `[E, N, K]` (float32), `entropy` `[E-1, N]`, `distance_ratio` `[E-1, N]` or `None` while some
-    prototype is uninitialised, `labels` `[N]`, the encoder layer of each exit, the depth `M` of the model, and, when
-    collected from a model: `exit_scores` `[E-1, N]` (models with learning-to-exit heads), the number of attended
+    Batch-first, as the forward returns them: `exit_logits` `[N, E, K]` (float32), `entropy` `[N, E-1]`,
+    `distance_ratio` `[N, E-1]` or `None` while some prototype is uninitialised, `labels` `[N]`, the encoder layer of
+    each exit, the depth `M` of the model, and, when collected from a model: `exit_scores` `[N, E-1]` (models with
+    learning-to-exit heads), the number of attended
     tokens of each sample `lengths` `[N]` and the model's [`FlopsCounter`] (for FLOPs speed-ups).
     """
 
@@ -52,7 +53,7 @@ class ExitSignals:
             ValueError: for the distance ratio of a model whose prototypes are not initialised, or learning-to-exit
                 scores of a model without learning-to-exit heads.
         """
-        if self.entropy.shape[0] == 0:
+        if self.entropy.shape[1] == 0:
             return  # a single exit: nothing is read
         if policy.needs_distance_ratio and self.distance_ratio is None:
             raise ValueError(
@@ -99,14 +100,14 @@ def collect_exit_signals(model, dataset, batch_size: int = 64, device=None) -> E
             ratio.append(None if output.distance_ratio is None else output.distance_ratio.cpu())
             scores.append(None if output.exit_scores is None else output.exit_scores.cpu())
     return ExitSignals(
-        exit_logits=torch.cat(logits, dim=1),
-        entropy=torch.cat(entropy, dim=1),
+        exit_logits=torch.cat(logits),
+        entropy=torch.cat(entropy),
         # Prototypes do not change in eval mode, so the ratio is either there for every batch or for none.
-        distance_ratio=None if any(part is None for part in ratio) else torch.cat(ratio, dim=1),
+        distance_ratio=None if any(part is None for part in ratio) else torch.cat(ratio),
         labels=torch.cat(labels),
         exit_layers=list(model.config.exit_layers),
         num_layers=model.config.num_hidden_layers,
-        exit_scores=None if any(part is None for part in scores) else torch.cat(scores, dim=1),
+        exit_scores=None if any(part is None for part in scores) else torch.cat(scores),
         lengths=torch.cat(lengths),
         flops=FlopsCounter.from_config(model.config),
     )

@@ -160,30 +160,34 @@ class DE3ModelMixin(DE3CheckpointMixin):
             features = torch.stack([outputs.features for outputs in below_top])
             scores = torch.stack([outputs.scores for outputs in below_top]) if config.learning_to_exit else None
 
+        # The losses and signals work exit-first; every per-sample output is batch-first, as `Trainer.predict`,
+        # `accelerate`'s gather and the pipelines split outputs along dim 0.
         output = DE3SequenceClassifierOutput(
-            logits=exit_logits[-1], exit_logits=exit_logits, hidden_states=tuple(all_hidden) if all_hidden else None
+            logits=exit_logits[-1], exit_logits=exit_logits.transpose(0, 1),
+            hidden_states=tuple(all_hidden) if all_hidden else None,
         )
         if labels is not None:
             labels = check_labels(labels.to(exit_logits.device), exit_logits.shape[1], config.num_labels)
-            self._add_loss(output, features, scores, labels, output_exit_signals)
+            self._add_loss(output, exit_logits, features, scores, labels, output_exit_signals)
         if output_exit_signals:
             with torch.no_grad():
                 # Set in field order: `to_tuple` (and so the Trainer's predictions) follows the order of assignment.
-                output.entropy = normalized_entropy(exit_logits[:-1])
+                output.entropy = normalized_entropy(exit_logits[:-1]).transpose(0, 1)
                 if self.prototype_memory.all_initialized:
                     output.distance_ratio = distance_ratio(
                         exit_logits[:-1], features, self.prototype_memory.prototypes, config.distance
-                    )
+                    ).transpose(0, 1)
                 if config.learning_to_exit:
-                    output.exit_scores = scores.detach().float()
+                    output.exit_scores = scores.detach().float().transpose(0, 1)
         if labels is not None and self.training and features.shape[0] > 0:
             self.prototype_memory.observe(features, labels, config.prototype_momentum)
         return output if return_dict else output.to_tuple()
 
-    def _add_loss(self, output, features, scores, labels, output_exit_signals) -> None:
+    def _add_loss(self, output, exit_logits, features, scores, labels, output_exit_signals) -> None:
         """Sets `output.loss`: the objective's loss plus `dar_alpha` times DAR (docs/method.md eq. 7) plus, with
-        learning-to-exit heads, their MSE; with `output_exit_signals` also each part, detached."""
-        config, memory, exit_logits = self.config, self.prototype_memory, output.exit_logits
+        learning-to-exit heads, their MSE; with `output_exit_signals` also each part, detached. `exit_logits`,
+        `features` and `scores` are exit-first, as the losses take them."""
+        config, memory = self.config, self.prototype_memory
         # Cloned: prototypes and mask are updated in place after the loss, once autograd has saved them for backward.
         dar = distance_aware_regularization(
             features, labels, memory.prototypes.detach().clone(), memory.initialized.clone(),

@@ -18,14 +18,14 @@ class DE3SequenceClassifierOutput(ModelOutput):
             Layer-weighted DE3 loss, `ce_loss + dar_alpha * dar_loss` (docs/method.md eq. 7).
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             Logits of the last exit (the ordinary classifier).
-        exit_logits (`torch.FloatTensor` of shape `(num_exits, batch_size, num_labels)`):
+        exit_logits (`torch.FloatTensor` of shape `(batch_size, num_exits, num_labels)`):
             Logits of every exit, in `config.exit_layers` order.
-        entropy (`torch.FloatTensor` of shape `(num_exits - 1, batch_size)`, with `output_exit_signals=True`):
+        entropy (`torch.FloatTensor` of shape `(batch_size, num_exits - 1)`, with `output_exit_signals=True`):
             Normalised entropy of each exit below the top (eq. 8).
-        distance_ratio (`torch.FloatTensor` of shape `(num_exits - 1, batch_size)`, with `output_exit_signals=True`):
+        distance_ratio (`torch.FloatTensor` of shape `(batch_size, num_exits - 1)`, with `output_exit_signals=True`):
             Normalised distance ratio of each exit below the top (eq. 10); `None` while some prototype is
             uninitialised.
-        exit_scores (`torch.FloatTensor` of shape `(num_exits - 1, batch_size)`, with `config.learning_to_exit`):
+        exit_scores (`torch.FloatTensor` of shape `(batch_size, num_exits - 1)`, with `config.learning_to_exit`):
             Learning-to-exit score (BERxiT) of each exit below the top, in [0, 1]: how likely its prediction is right.
         ce_loss (`torch.FloatTensor`, with `labels` and `output_exit_signals=True`):
             Cross-entropy part of `loss`: layer-weighted (`training_objective="de3"`), COSEE's sample-weighted

@@ -56,19 +56,19 @@ def exit_views(
     exit_scores: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
 ) -> list[ExitView]:
-    """One [`ExitView`] per exit below the top, from the stacked outputs of a full forward (`[num_exits, N, ...]`
-    logits, `[num_exits - 1, N]` signals)."""
+    """One [`ExitView`] per exit below the top, from the batch-first outputs of a full forward (`[N, num_exits, K]`
+    logits, `[N, num_exits - 1]` signals)."""
     return [
         ExitView(
             exit_index=index,
             layer=exit_layers[index],
-            logits=exit_logits[index],
-            entropy=None if entropy is None else entropy[index],
-            distance_ratio=None if distance_ratio is None else distance_ratio[index],
-            exit_scores=None if exit_scores is None else exit_scores[index],
+            logits=exit_logits[:, index],
+            entropy=None if entropy is None else entropy[:, index],
+            distance_ratio=None if distance_ratio is None else distance_ratio[:, index],
+            exit_scores=None if exit_scores is None else exit_scores[:, index],
             labels=labels,
         )
-        for index in range(exit_logits.shape[0] - 1)
+        for index in range(exit_logits.shape[1] - 1)
     ]
 
 
@@ -85,9 +85,9 @@ def simulate_policy(
 
     Args:
         policy: an [`ExitPolicy`] (see [`get_exit_policy`]).
-        exit_logits: `[num_exits, N, K]`.
+        exit_logits: `[N, num_exits, K]`, as the forward returns them.
         exit_layers: the encoder layer of each exit (`config.exit_layers`); the last is `M`.
-        entropy, distance_ratio, exit_scores: `[num_exits - 1, N]`, as the forward returns them.
+        entropy, distance_ratio, exit_scores: `[N, num_exits - 1]`, as the forward returns them.
         labels: `[N]`, for the oracle.
 
     Raises:
@@ -97,7 +97,7 @@ def simulate_policy(
     first = simulate_first_exits(policy, views).to(exit_logits.device)
     batch = torch.arange(first.numel(), device=first.device)
     layers = torch.tensor(exit_layers, device=first.device)[first]
-    return SimulatedExits(exit_logits[first, batch], layers, layer_speedup(layers, exit_layers[-1]))
+    return SimulatedExits(exit_logits[batch, first], layers, layer_speedup(layers, exit_layers[-1]))
 
 
 __all__ = ["SimulatedExits", "exit_views", "layer_speedup", "simulate_first_exits", "simulate_policy"]

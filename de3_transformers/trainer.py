@@ -156,7 +156,7 @@ class DE3Trainer(Trainer):
     @torch.no_grad()
     def _accumulate_parts(self, outputs, labels) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        correct = (outputs.exit_logits.argmax(-1) == labels.view(1, -1)).float().mean(dim=1)
+        correct = (outputs.exit_logits.argmax(-1) == labels.view(-1, 1)).float().mean(dim=0)
         parts = {name: getattr(outputs, name) for name in model.loss_part_names}
         exit_layers = model.config.exit_layers
         parts.update({f"exit_{layer}_accuracy": correct[index] for index, layer in enumerate(exit_layers)})
@@ -178,14 +178,9 @@ class DE3Trainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         ignore_keys = self._not_predictions + list(ignore_keys or [])
-        loss, predictions, labels = super().prediction_step(
+        return super().prediction_step(
             model, {**inputs, "output_exit_signals": True}, prediction_loss_only, ignore_keys=ignore_keys
         )
-        if predictions is not None:
-            # The model returns exit outputs exit-first; the evaluation loop concatenates along dim 0, the batch.
-            logits, *exit_first = predictions
-            predictions = (logits, *(tensor.transpose(0, 1) for tensor in exit_first))
-        return loss, predictions, labels
 
     def _compute_de3_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
         model = self.accelerator.unwrap_model(self.model)
@@ -197,12 +192,10 @@ class DE3Trainer(Trainer):
             return metrics
         # `None` outputs are dropped from the tuple: the ratio is there iff every prototype is initialised (eval mode
         # does not change them), the scores iff the model has learning-to-exit heads.
-        signals = [tensor.transpose(0, 1) for tensor in (exit_logits, entropy, *rest)]
-        exit_logits, entropy = signals[:2]
-        ratio = signals[2] if model.prototype_memory.all_initialized else None
-        scores = signals[-1] if config.learning_to_exit else None
+        ratio = rest[0] if model.prototype_memory.all_initialized else None
+        scores = rest[-1] if config.learning_to_exit else None
         for index, layer in enumerate(config.exit_layers):
-            metrics[f"exit_{layer}_accuracy"] = _accuracy(exit_logits[index], labels)
+            metrics[f"exit_{layer}_accuracy"] = _accuracy(exit_logits[:, index], labels)
         policy = build_exit_policy(config, threshold=getattr(self.args, "eval_threshold", None),
                                    lam=getattr(self.args, "eval_lambda", None))
         if ratio is None and policy.needs_distance_ratio:

@@ -21,7 +21,7 @@ from conftest import mixed_length_batch, tiny_model, train_prototypes
 
 
 def hand_signals() -> ExitSignals:
-    # 3 exits (2 below the top), 4 samples, 2 classes; labels all 0.
+    # 3 exits (2 below the top), 4 samples, 2 classes; labels all 0. Written one row per exit, stored batch-first.
     exit_logits = torch.tensor([
         [[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]],  # exit 0 right for samples 0 and 2
         [[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]],  # exit 1 right for samples 0 and 1
@@ -29,7 +29,7 @@ def hand_signals() -> ExitSignals:
     ])
     entropy = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.3, 0.1, 0.1, 0.1]])
     ratio = torch.tensor([[0.1, 0.9, 0.1, 0.9], [0.9, 0.1, 0.9, 0.1]])
-    return ExitSignals(exit_logits, entropy, ratio, torch.zeros(4, dtype=torch.long), [1, 2, 3], 3)
+    return ExitSignals(exit_logits.transpose(0, 1), entropy.T, ratio.T, torch.zeros(4, dtype=torch.long), [1, 2, 3], 3)
 
 
 def test_correctness_estimation_counts_agreements_of_signal_and_correctness():

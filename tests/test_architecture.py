@@ -152,7 +152,7 @@ def test_a_registered_training_objective_drives_the_loss():
         input_ids, attention_mask = mixed_length_batch(batch_size=6)
         labels = torch.arange(6) % 3
         output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_exit_signals=True)
-        torch.testing.assert_close(output.loss, joint_cross_entropy(output.exit_logits, labels))
+        torch.testing.assert_close(output.loss, joint_cross_entropy(output.exit_logits.transpose(0, 1), labels))
         assert model.loss_part_names == ("ce_loss", "dar_loss")
     finally:
         del TRAINING_OBJECTIVES["test_plain_joint"]

@@ -36,16 +36,16 @@ def labelled_data(model, batch_size=24, seed=5):
 
 
 def one_hot_logits(predictions):
-    """`[E, N, 2]` logits whose argmax is `predictions` `[E][N]`."""
-    return torch.nn.functional.one_hot(torch.tensor(predictions), 2).float()
+    """`[N, E, 2]` logits (batch-first, as the forward returns them) whose argmax is `predictions` `[E][N]`."""
+    return torch.nn.functional.one_hot(torch.tensor(predictions), 2).float().transpose(0, 1)
 
 
 def hand_signals(entropy, predictions, labels, ratio=None):
     """Signals of a 2-exit model on layers 2 and 4 of 4."""
     return ExitSignals(
         exit_logits=one_hot_logits(predictions),
-        entropy=torch.tensor([entropy]),
-        distance_ratio=None if ratio is None else torch.tensor([ratio]),
+        entropy=torch.tensor([entropy]).T,
+        distance_ratio=None if ratio is None else torch.tensor([ratio]).T,
         labels=torch.tensor(labels),
         exit_layers=[2, 4],
         num_layers=4,
@@ -416,7 +416,7 @@ def test_thinned_curves_still_give_the_smallest_threshold_reaching_the_target():
     generator = torch.Generator().manual_seed(0)
     entropy = torch.rand(3, 3000, generator=generator)
     predictions = torch.randint(0, 2, (4, 3000), generator=generator)
-    signals = ExitSignals(exit_logits=one_hot_logits(predictions.tolist()), entropy=entropy, distance_ratio=None,
+    signals = ExitSignals(exit_logits=one_hot_logits(predictions.tolist()), entropy=entropy.T, distance_ratio=None,
                           labels=torch.randint(0, 2, (3000,), generator=generator), exit_layers=[1, 2, 3, 4],
                           num_layers=4)
     full_curve = tradeoff_curve(signals, 0.0, max_points=10**6)

@@ -151,8 +151,8 @@ def test_every_policy_agrees_with_its_replay_on_a_full_forward(lte_model, name):
     labels = torch.arange(16) % 3
     with torch.no_grad():
         full = lte_model(input_ids=input_ids, attention_mask=attention_mask, output_exit_signals=True)
-    probabilities = full.exit_logits[:-1].softmax(-1).amax(-1)
-    energy = torch.sigmoid(-torch.logsumexp(full.exit_logits[:-1], dim=-1))
+    probabilities = full.exit_logits[:, :-1].softmax(-1).amax(-1)
+    energy = torch.sigmoid(-torch.logsumexp(full.exit_logits[:, :-1], dim=-1))
     edr = hybrid_indicator(full.entropy, full.distance_ratio, 1.0)
     settings = {
         "de3": [{"threshold": value, "lam": 1.0} for value in spread(edr)],
@@ -265,8 +265,8 @@ def test_every_baseline_calibrates_and_predict_early_reproduces_it(lte_model, la
 def test_oracle_is_a_single_point_above_every_policy(lte_model, labelled_rows):
     signals = collect_exit_signals(lte_model, labelled_rows)
     (oracle,) = tradeoff_curve(signals, policy="oracle")
-    predictions = signals.exit_logits.argmax(-1)
-    assert oracle.accuracy == pytest.approx((predictions == signals.labels).any(dim=0).double().mean().item())
+    predictions = signals.exit_logits.argmax(-1)  # [N, E]
+    assert oracle.accuracy == pytest.approx((predictions == signals.labels.view(-1, 1)).any(dim=1).double().mean().item())
     for name in ("entropy", "de3", "patience"):
         for point in tradeoff_curve(signals, policy=name):
             assert point.accuracy <= oracle.accuracy + 1e-12
@@ -310,12 +310,12 @@ def test_learning_to_exit_heads_train_without_touching_the_backbone(lte_model):
     output = lte_model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.arange(6) % 3,
                        output_exit_signals=True)
     output.lte_loss.requires_grad_(False)
-    assert output.exit_scores.shape == (3, 6) and ((output.exit_scores >= 0) & (output.exit_scores <= 1)).all()
+    assert output.exit_scores.shape == (6, 3) and ((output.exit_scores >= 0) & (output.exit_scores <= 1)).all()
     lte_model.zero_grad()
     scores = torch.stack([lte_model.exit_head(index, hidden, attention_mask).scores for index, hidden in
                           enumerate(lte_model(input_ids=input_ids, attention_mask=attention_mask,
                                               output_hidden_states=True).hidden_states[1:4])])
-    learning_to_exit_loss(scores, output.exit_logits.detach(), torch.arange(6) % 3).backward()
+    learning_to_exit_loss(scores, output.exit_logits.detach().transpose(0, 1), torch.arange(6) % 3).backward()
     assert all(head.weight.grad is not None for head in lte_model.exit_scorers)
     assert all(parameter.grad is None for parameter in lte_model.backbone.parameters())
     lte_model.eval()

@@ -20,7 +20,7 @@ def test_results_come_back_in_input_order_and_match_single_runs(rows_and_model):
     model, rows = rows_and_model
     with torch.no_grad():
         entropy = torch.cat([model(input_ids=torch.tensor([row["input_ids"]]), output_exit_signals=True).entropy
-                         for row in rows], dim=1)
+                         for row in rows])
     threshold = float(entropy.median())  # lam=0: the DE3 rule on entropy alone
     result = predict_dataset(model, rows, batch_size=4, threshold=threshold, lam=0.0)
     assert result.logits.shape == (21, 3) and len(set(result.sample_exit_layers.tolist())) >= 2

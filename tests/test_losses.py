@@ -81,7 +81,7 @@ def test_model_loss_equals_the_formula_on_its_own_outputs(backbone):
     assert output.loss.item() == pytest.approx(output.ce_loss.item() + 0.5 * output.dar_loss.item(), rel=1e-6)
     assert output.dar_loss.item() > 0
     weights = torch.arange(1.0, 5.0) / 10
-    ce = torch.stack([F.cross_entropy(logits, labels) for logits in output.exit_logits])
+    ce = torch.stack([F.cross_entropy(logits, labels) for logits in output.exit_logits.transpose(0, 1)])
     assert output.ce_loss.item() == pytest.approx((weights * ce).sum().item(), rel=1e-6)
 
 

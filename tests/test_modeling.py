@@ -25,9 +25,9 @@ def test_forward_shapes(trained_model):
     input_ids, attention_mask = mixed_length_batch(batch_size=5)
     output = trained_model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 2, 0, 1]),
                            output_exit_signals=True)
-    assert output.exit_logits.shape == (4, 5, 3)
-    assert torch.equal(output.logits, output.exit_logits[-1])
-    assert output.entropy.shape == output.distance_ratio.shape == (3, 5)
+    assert output.exit_logits.shape == (5, 4, 3)  # batch-first: [batch, exit, class]
+    assert torch.equal(output.logits, output.exit_logits[:, -1])
+    assert output.entropy.shape == output.distance_ratio.shape == (5, 3)
     assert output.loss.shape == output.ce_loss.shape == output.dar_loss.shape == ()
 
 
@@ -35,7 +35,7 @@ def test_sparse_exit_layers_give_one_exit_per_listed_layer(backbone):
     model = train_prototypes(tiny_model(backbone, exit_layers=[2, 4]))
     input_ids, attention_mask = mixed_length_batch(batch_size=5)
     output = full_signals(model, input_ids, attention_mask)
-    assert output.exit_logits.shape == (2, 5, 3) and output.distance_ratio.shape == (1, 5)
+    assert output.exit_logits.shape == (5, 2, 3) and output.distance_ratio.shape == (5, 1)
     assert model.prototype_memory.prototypes.shape == (1, 3, 32)
     result = model.predict_early(input_ids, attention_mask, threshold=2.0)
     assert result.sample_exit_layers.tolist() == [2] * 5 and result.speedup == pytest.approx(2.0)
@@ -107,7 +107,7 @@ def test_threshold_above_one_always_leaves_at_the_first_exit(trained_model):
     full = full_signals(trained_model, input_ids, attention_mask)
     result = trained_model.predict_early(input_ids, attention_mask, threshold=1.5)
     assert result.sample_exit_layers.tolist() == [1] * 6 and result.speedup == pytest.approx(4.0)
-    torch.testing.assert_close(result.logits, full.exit_logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.logits, full.exit_logits[:, 0], atol=1e-5, rtol=0)
 
 
 def test_defaults_come_from_the_config(trained_model):
@@ -140,7 +140,7 @@ def test_distance_ratio_is_none_until_every_prototype_exists():
     model = tiny_model()
     input_ids, attention_mask = mixed_length_batch(batch_size=2)
     output = full_signals(model, input_ids, attention_mask)
-    assert output.distance_ratio is None and output.entropy.shape == (3, 2)
+    assert output.distance_ratio is None and output.entropy.shape == (2, 3)
     with pytest.raises(ValueError, match="lam=0"):
         simulate_policy(get_exit_policy("de3", threshold=0.5, lam=1.0), output.exit_logits, [1, 2, 3, 4],
                         output.entropy, None)

@@ -258,7 +258,8 @@ def random_views(draw):
         return torch.tensor(flat, dtype=torch.float32).view(*shape)
 
     logits, ratio, scores = values(4, 6, 3), values(3, 6, low=0.0, high=1.0), values(3, 6, low=0.0, high=1.0)
-    return exit_views(logits, [1, 2, 3, 4], normalized_entropy(logits[:-1]), ratio, scores)
+    # Drawn exit-first; `exit_views` takes the forward's batch-first layout.
+    return exit_views(logits.transpose(0, 1), [1, 2, 3, 4], normalized_entropy(logits[:-1]).T, ratio.T, scores.T)
 
 
 @settings(max_examples=60, deadline=None)

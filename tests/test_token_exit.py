@@ -165,8 +165,8 @@ def test_classifier_memory_recurrence():
     remembering = tiny_model(exit_memory=0.9)  # same seed: same weights
     input_ids, attention_mask = mixed_length_batch(batch_size=4)
     with torch.no_grad():
-        own = plain(input_ids=input_ids, attention_mask=attention_mask).exit_logits
-        mixed = remembering(input_ids=input_ids, attention_mask=attention_mask).exit_logits
+        own = plain(input_ids=input_ids, attention_mask=attention_mask).exit_logits.transpose(0, 1)  # exit-first
+        mixed = remembering(input_ids=input_ids, attention_mask=attention_mask).exit_logits.transpose(0, 1)
     expected = [own[0]]
     for logits in own[1:]:
         expected.append(0.1 * expected[-1] + 0.9 * logits)
@@ -198,8 +198,9 @@ def test_distillation_gradient_reaches_the_backbone_through_the_students():
                 output_exit_signals=True)
     torch.testing.assert_close(out.loss, out.ce_loss + out.kd_loss + 0.01 * out.dar_loss)
     model.zero_grad()
-    teacher = model.exit_teacher(out.exit_logits.detach())
-    self_distillation_loss(out.exit_logits, teacher, 1.0).backward()
+    exit_first = out.exit_logits.transpose(0, 1)  # the losses take exit-first logits
+    teacher = model.exit_teacher(exit_first.detach())
+    self_distillation_loss(exit_first, teacher, 1.0).backward()
     assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
     assert model.exit_classifiers[0].weight.grad.abs().sum() > 0
     assert model.exit_teacher.projection.weight.grad.abs().sum() > 0

@@ -169,7 +169,7 @@ def test_evaluation_reports_every_exit_and_early_exit_like_predict_early(tmp_pat
     assert metrics["eval_early_exit_mean_prediction"] == pytest.approx(result.logits.argmax(-1).float().mean().item())
     full = model(input_ids=torch.tensor(eval_data["input_ids"]), attention_mask=torch.tensor(eval_data["attention_mask"]))
     for index, layer in enumerate(model.config.exit_layers):
-        expected = (full.exit_logits[index].argmax(-1) == labels).float().mean().item()
+        expected = (full.exit_logits[:, index].argmax(-1) == labels).float().mean().item()
         assert metrics[f"eval_exit_{layer}_accuracy"] == pytest.approx(expected)
     assert metrics["eval_accuracy"] == metrics["eval_exit_4_accuracy"]
     assert "eval_loss" in metrics and "eval_mean_prediction" in metrics
@@ -227,8 +227,8 @@ def test_bf16_mixed_precision_training_and_evaluation_stay_finite(tmp_path):
     # The early-exit metric is the configured policy replayed on the bf16 evaluation's own exit outputs.
     logits, exit_logits, entropy, ratio = (torch.as_tensor(array) for array in trainer.predict(dataset(seed=4)).predictions)
     assert torch.isfinite(exit_logits).all() and exit_logits.shape == (12, 4, 3)
-    replay = simulate_policy(build_exit_policy(model.config), exit_logits.transpose(0, 1), model.config.exit_layers,
-                             entropy.transpose(0, 1), ratio.transpose(0, 1))
+    replay = simulate_policy(build_exit_policy(model.config), exit_logits, model.config.exit_layers,
+                             entropy, ratio)
     assert metrics["eval_early_exit_speedup"] == pytest.approx(replay.speedup)
 
 
