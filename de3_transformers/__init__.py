@@ -2,7 +2,8 @@
 
 Importing the package registers the DE3 configs and models with `AutoConfig`, `AutoModel` and
 `AutoModelForSequenceClassification`, and marks them for `register_for_auto_class`, so a saved checkpoint also
-loads with `trust_remote_code=True` where this package is not installed.
+loads with `trust_remote_code=True` where this package is not installed. It also serves `pipeline("text-classification")`
+for DE3 models with early exit (`pipeline_de3`; other models keep the stock pipeline).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
@@ -22,6 +23,7 @@ from .inference import predict_dataset
 from .modeling_de3 import DE3BertForSequenceClassification, DE3RobertaForSequenceClassification
 from .modeling_outputs import DE3EarlyExitOutput, DE3SequenceClassifierOutput
 from .objectives import TrainingObjective, register_training_objective
+from .pipeline_de3 import DE3TextClassificationPipeline, register_pipeline
 from .simulation import SimulatedExits, layer_speedup, simulate_policy
 from .trainer import DE3Trainer, DE3TrainingArguments
 
@@ -37,6 +39,7 @@ for _config, _model in (
     AutoModelForSequenceClassification.register(_config, _model, exist_ok=True)
     _config.register_for_auto_class()
     _model.register_for_auto_class("AutoModelForSequenceClassification")
+register_pipeline()
 
 __all__ = [
     "EXIT_POLICIES",
@@ -48,6 +51,7 @@ __all__ = [
     "DE3RobertaConfig",
     "DE3RobertaForSequenceClassification",
     "DE3SequenceClassifierOutput",
+    "DE3TextClassificationPipeline",
     "DE3Trainer",
     "DE3TrainingArguments",
     "ExitPolicy",

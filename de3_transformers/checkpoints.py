@@ -1,6 +1,7 @@
 """Saving and loading DE3 checkpoints: atomic saves, load errors that say what is wrong, and `from_backbone`, which
 starts a DE3 model from a plain pretrained BERT / RoBERTa checkpoint."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 from transformers.utils import logging
 
+from .pipeline_de3 import custom_pipelines_entry
 from .prototypes import describe_problems
 
 
@@ -34,18 +36,35 @@ class DE3CheckpointMixin:
             FloatingPointError: if a prototype is not finite (training diverged); nothing is written then.
         """
         self.prototype_memory.require_finite()
-        if push_to_hub:  # uploading works on the folder itself: keep the library's own path
-            return super().save_pretrained(save_directory, *args, push_to_hub=True, **kwargs)
-        target = Path(save_directory)
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.saving-") as staging:
-            super().save_pretrained(staging, *args, **kwargs)
-            written = sorted(Path(staging).iterdir(), key=lambda path: ".safetensors" not in path.name)
-            for stale in target.glob("model*.safetensors*"):
-                if not (Path(staging) / stale.name).exists():
-                    stale.unlink()
-            for path in written:
-                os.replace(path, target / path.name)
+        with self._checkpoint_code_named():
+            if push_to_hub:  # uploading works on the folder itself: keep the library's own path
+                return super().save_pretrained(save_directory, *args, push_to_hub=True, **kwargs)
+            target = Path(save_directory)
+            target.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.saving-") as staging:
+                super().save_pretrained(staging, *args, **kwargs)
+                written = sorted(Path(staging).iterdir(), key=lambda path: ".safetensors" not in path.name)
+                for stale in target.glob("model*.safetensors*"):
+                    if not (Path(staging) / stale.name).exists():
+                        stale.unlink()
+                for path in written:
+                    os.replace(path, target / path.name)
+
+    @contextlib.contextmanager
+    def _checkpoint_code_named(self):
+        """Names in the config the code saved beside the weights (`save_pretrained` copies this module's file and
+        every file it imports), so `trust_remote_code=True` reaches it without the package: `AutoModel` besides the
+        `AutoModelForSequenceClassification` that `register_for_auto_class` names (kept, as transformers keeps
+        `auto_map`), and the early-exit pipeline (written to the file only: the package serves it where installed,
+        so a loaded config never has it, and the saved model's config stays equal to the loaded one)."""
+        model_file = type(self).__module__.rsplit(".", 1)[-1]
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                "AutoModel": f"{model_file}.{type(self).__name__}"}
+        self.config.custom_pipelines = custom_pipelines_entry()
+        try:
+            yield
+        finally:
+            del self.config.custom_pipelines
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

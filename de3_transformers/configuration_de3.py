@@ -21,6 +21,9 @@ DAR_TYPES = ("center", "alienation", "combined")
 EXIT_POOLINGS = ("first", "mean")
 # The exit signals COSEE can train with; `losses.COSEE_SIGNALS` maps each to its formula.
 COSEE_SIGNAL_NAMES = ("energy", "entropy", "max_prob")
+# The pipeline tasks this code serves from `transformers`' own registry (`pipeline_de3.register_pipeline` adds to it
+# when the package is imported; it stays empty in a checkpoint's copy of this file, run as remote code).
+PIPELINE_TASKS_SERVED: set[str] = set()
 
 
 @dataclass(kw_only=True)
@@ -135,6 +138,14 @@ class DE3ConfigMixin:
             self.token_exit_layers = sorted(layer for layer in thirds if 1 <= layer < self.num_hidden_layers)
         else:
             self.token_exit_layers = [int(layer) for layer in self.token_exit_layers]
+        # `pipeline()` honours a checkpoint's `custom_pipelines` only with `trust_remote_code=True`, even where the code
+        # is installed. Tasks the imported package serves itself are dropped on load (saving the model writes them).
+        saved_pipelines = getattr(self, "custom_pipelines", None)
+        if saved_pipelines and PIPELINE_TASKS_SERVED:
+            self.custom_pipelines = {task: entry for task, entry in saved_pipelines.items()
+                                     if task not in PIPELINE_TASKS_SERVED}
+            if not self.custom_pipelines:
+                del self.custom_pipelines
         # `@strict` runs the validators right after this, but reports a failure wrapped in
         # `StrictDataclassClassValidationError`; running the DE3 ones first raises their ValueError itself.
         for name, validator in vars(DE3ConfigMixin).items():
@@ -327,6 +338,7 @@ __all__ = [
     "DE3RobertaConfig",
     "EXIT_POOLINGS",
     "MAX_LAMBDA",
+    "PIPELINE_TASKS_SERVED",
     "check_exit_parameters",
     "check_number",
 ]

@@ -65,7 +65,7 @@ def test_checkpoint_loads_with_trust_remote_code_without_the_package(trained_mod
     expected = trained_model.predict_early(input_ids, attention_mask, threshold=0.5)
     trained_model.save_pretrained(tmp_path / "model")
     auto_map = json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"]
-    assert set(auto_map) == {"AutoConfig", "AutoModelForSequenceClassification"}
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForSequenceClassification"}
     torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "inputs.pt")
     script = textwrap.dedent(f"""
         import sys, torch
