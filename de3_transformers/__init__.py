@@ -2,8 +2,9 @@
 
 Importing the package registers the DE3 configs and models with `AutoConfig`, `AutoModel` and
 `AutoModelForSequenceClassification`, and marks them for `register_for_auto_class`, so a saved checkpoint also
-loads with `trust_remote_code=True` where this package is not installed. It also serves `pipeline("text-classification")`
-for DE3 models with early exit (`pipeline_de3`; other models keep the stock pipeline).
+loads with `trust_remote_code=True` where this package is not installed. It also serves
+`pipeline("text-classification")` for DE3 models with early exit (`pipeline_de3`; other models keep the stock
+pipeline).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification

@@ -11,6 +11,7 @@ trainer adds what a `Trainer` cannot know about:
   and layer speed-up of early exit at the configured threshold and lambda, from the same single evaluation pass.
 """
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class DE3Trainer(Trainer):
 
     Raises:
         TypeError: if the model is not a DE3 model.
+        ValueError: for a multi-process launch (`WORLD_SIZE > 1`) that `transformers` did not make distributed (on a
+            CPU machine without `use_cpu=True`), and for several GPUs in one process (`nn.DataParallel`).
     """
 
     def __init__(self, model=None, args=None, *trainer_args, compute_metrics=None, **kwargs):
@@ -91,6 +94,16 @@ class DE3Trainer(Trainer):
                 "DE3 config."
             )
         super().__init__(model, args, *trainer_args, compute_metrics=self._compute_de3_metrics, **kwargs)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size == 1:
+            # On a machine without GPUs `transformers` does not turn a torchrun / accelerate launch into DDP unless it
+            # is told to run on CPU; every process would then train its own model and write the same output_dir.
+            raise ValueError(
+                f"This is one of {launched} processes (WORLD_SIZE={launched}), but the Trainer is not running "
+                "distributed data parallel, so each process would train a model of its own. On a machine without "
+                "GPUs pass --use_cpu (TrainingArguments(use_cpu=True)) to train with DDP over the processes; or run "
+                "a single process."
+            )
         if self.args.n_gpu > 1:
             # `nn.DataParallel` replicates the model per step: prototype statistics would land on the throwaway
             # replicas, and exit outputs come back concatenated along the exit axis.

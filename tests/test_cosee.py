@@ -108,7 +108,8 @@ def test_model_loss_with_the_cosee_objective_and_dar():
     assert out.osc_loss is not None and out.kd_loss is None
     torch.testing.assert_close(out.loss, out.ce_loss + 0.5 * out.dar_loss + 0.1 * out.osc_loss)
     torch.manual_seed(5)  # the same thresholds
-    expected = cosee_loss(out.exit_logits.transpose(0, 1), labels, model.cosee_state.thresholds(5, "cpu"), [1, 2, 3, 4], 10.0, 0.3)
+    thresholds = model.cosee_state.thresholds(5, "cpu")
+    expected = cosee_loss(out.exit_logits.transpose(0, 1), labels, thresholds, [1, 2, 3, 4], 10.0, 0.3)
     torch.testing.assert_close(out.ce_loss, expected.ce_loss)
     out.loss.backward()
     assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0

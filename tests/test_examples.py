@@ -58,3 +58,76 @@ def test_run_glue_on_a_local_training_file_alone_with_numeric_labels(tmp_path):
     assert model.config.id2label == {0: "1", 1: "2"} and model.config.exit_layers == [2, 4, 6]
     assert model.config.exit_pooling == "mean"
     assert results["train_samples"] == 21  # 10% of the 24 rows held out for calibration and reporting
+
+
+SENTENCES = ["a warm and funny film", "dull from start to finish", "the cast is superb", "a tedious mess",
+             "i loved every minute", "poorly written and acted", "a delight", "boring", "moving and smart",
+             "an utter failure", "great fun", "not worth your time"] * 2
+
+
+def write_csv(path, labels):
+    """SENTENCES with alternating labels `labels[0]` (positive sentences) and `labels[1]` (negative ones)."""
+    rows = [f"{text},{labels[index % 2]}" for index, text in enumerate(SENTENCES)]
+    path.write_text("\n".join(["text,label", *rows]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def named_checkpoint(minilm_path, tmp_path_factory):
+    """A DE3 MiniLM checkpoint whose classes are named as the main job's are, in the opposite of sorted order."""
+    from transformers import AutoTokenizer
+
+    from de3_transformers import DE3BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("named") / "checkpoint"
+    model = DE3BertForSequenceClassification.from_backbone(
+        minilm_path, num_labels=2, id2label={0: "positive", 1: "negative"}, label2id={"positive": 0, "negative": 1})
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
+    return path
+
+
+def fine_tune(checkpoint, data, out, *extra):
+    return run_glue(["--model_name_or_path", str(checkpoint), "--train_file", str(data), "--output_dir", str(out),
+                     "--do_train", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
+                     "--max_seq_length", "16", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
+                     "--target_speedup", "1.5", "--report_speedups", "1.5", *extra])
+
+
+def test_run_glue_from_a_checkpoint_maps_labels_by_name(named_checkpoint, tmp_path):
+    from run_glue import ModelArguments, model_class_ids
+
+    model = AutoModelForSequenceClassification.from_pretrained(named_checkpoint)
+    args = ModelArguments(model_name_or_path=str(named_checkpoint))
+    # Data labels sorted as `label_names` gives them; the checkpoint numbers its classes the other way round.
+    assert model_class_ids(model, ["negative", "positive"], args) == {"negative": 1, "positive": 0}
+    fine_tune(named_checkpoint, write_csv(tmp_path / "train.csv", ["positive", "negative"]), tmp_path / "out")
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert saved.config.id2label == {0: "positive", 1: "negative"}
+
+
+def test_run_glue_from_the_main_jobs_model_with_numeric_labels_says_what_to_pass(named_checkpoint, tmp_path):
+    data = write_csv(tmp_path / "train.csv", [1, 0])
+    with pytest.raises(ValueError, match="--label_map 0:positive,1:negative"):
+        fine_tune(named_checkpoint, data, tmp_path / "out")
+    fine_tune(named_checkpoint, data, tmp_path / "out", "--label_map", "1:positive,0:negative")
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert saved.config.id2label == {0: "positive", 1: "negative"}
+    from run_glue import ModelArguments, model_class_ids
+
+    model = AutoModelForSequenceClassification.from_pretrained(named_checkpoint)
+    with pytest.raises(ValueError, match="--ignore_mismatched_sizes true"):  # three labels for two classes
+        model_class_ids(model, ["a", "b", "c"], ModelArguments(model_name_or_path=str(named_checkpoint)))
+
+
+def test_run_glue_from_an_unnamed_checkpoint_takes_the_datas_label_names(minilm_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from de3_transformers import DE3BertForSequenceClassification
+
+    # The README's recipe: a DE3 model started from the backbone and saved before any training (LABEL_0, LABEL_1).
+    DE3BertForSequenceClassification.from_backbone(minilm_path, num_labels=2).save_pretrained(tmp_path / "start")
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path / "start")
+    fine_tune(tmp_path / "start", write_csv(tmp_path / "train.csv", [1, 0]), tmp_path / "out")
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert saved.config.id2label == {0: "0", 1: "1"}

@@ -102,7 +102,8 @@ def test_pipeline_options_per_call(checkpoint, sst2_texts):
 
     ranked = classifier(texts[0], top_k=None, return_exit_layer=True)
     probabilities = early.logits.softmax(-1)[0]
-    assert [entry["label"] for entry in ranked] == [model.config.id2label[i] for i in probabilities.argsort(descending=True).tolist()]
+    ranking = probabilities.argsort(descending=True).tolist()
+    assert [entry["label"] for entry in ranked] == [model.config.id2label[index] for index in ranking]
     assert {entry["exit_layer"] for entry in ranked} == {int(early.sample_exit_layers[0])}
     (raw,) = classifier(texts[0], function_to_apply="none")
     assert raw["score"] == pytest.approx(float(early.logits.max()), abs=1e-4)
@@ -182,5 +183,8 @@ def test_without_the_package_auto_classes_and_pipeline_load_with_trust_remote_co
     assert remote["model"] == remote["classifier_model"] == "DE3BertForSequenceClassification"
     assert remote["module"].startswith("transformers_modules") and remote["pipeline"] == "DE3TextClassificationPipeline"
     assert remote["rows"] == sum(result["exit_layer"] for result in expected) < 6 * 12
-    assert [(r["label"], r["exit_layer"]) for r in remote["results"]] == [(r["label"], r["exit_layer"]) for r in expected]
+    def labels_and_layers(results):
+        return [(result["label"], result["exit_layer"]) for result in results]
+
+    assert labels_and_layers(remote["results"]) == labels_and_layers(expected)
     assert [r["score"] for r in remote["results"]] == pytest.approx([r["score"] for r in expected], abs=1e-5)

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,26 @@ def test_a_failed_training_run_leaves_prototype_updates_immediate(tmp_path):
     input_ids, attention_mask = mixed_length_batch(batch_size=3)
     model.train()(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 2]))
     assert model.prototype_memory.initialized.all()
+
+
+def test_a_multi_process_launch_that_is_not_distributed_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; without --use_cpu the Trainer stays NOT_PARALLEL
+    with pytest.raises(ValueError, match="--use_cpu"):
+        DE3Trainer(model=tiny_model(), args=arguments(tmp_path, use_cpu=False), train_dataset=dataset())
+
+
+def test_torchrun_on_cpu_without_use_cpu_stops_every_process_with_the_fix(tmp_path):
+    script = tmp_path / "launch.py"
+    script.write_text(textwrap.dedent(f"""
+        from conftest import tiny_model
+        from de3_transformers import DE3Trainer, DE3TrainingArguments
+        args = DE3TrainingArguments(output_dir={str(tmp_path / "out")!r}, report_to=[])
+        DE3Trainer(model=tiny_model(), args=args)
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent), "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+              f"--master_port={free_port()}", str(script)]
+    run = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.count("pass --use_cpu") >= 2, run.stderr[-3000:]  # each process says what to do
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
