@@ -24,6 +24,7 @@ from .inference import predict_dataset
 from .modeling_de3 import DE3BertForSequenceClassification, DE3RobertaForSequenceClassification
 from .modeling_outputs import DE3EarlyExitOutput, DE3SequenceClassifierOutput
 from .objectives import TrainingObjective, register_training_objective
+from .onnx_export import export_onnx
 from .pipeline_de3 import DE3TextClassificationPipeline, register_pipeline
 from .simulation import SimulatedExits, layer_speedup, simulate_policy
 from .trainer import DE3Trainer, DE3TrainingArguments
@@ -64,6 +65,7 @@ __all__ = [
     "calibrate",
     "collect_exit_signals",
     "evaluate_early_exit",
+    "export_onnx",
     "get_exit_policy",
     "layer_speedup",
     "predict_dataset",

@@ -85,3 +85,37 @@ def glue_dir():
             pytest.fail(f"{path} is missing: CI must run with shared/ beside the repository.")
         pytest.skip(f"the shared GLUE data is not at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_checkpoint(minilm_path, glue_dir, tmp_path_factory):
+    """The real MiniLM as a DE3 model with learning-to-exit heads, trained for 8 steps on SST-2 sentences (so its
+    answers are not coin flips) and calibrated for 2x, so texts leave at different layers; saved with its tokenizer.
+    Every exit policy can run on it."""
+    from transformers import AutoTokenizer
+
+    from de3_transformers import calibrate
+    from de3_transformers.data import load_glue_task
+
+    torch.manual_seed(0)
+    train = load_glue_task("sst2", glue_dir)["train"].select(range(320))
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = DE3BertForSequenceClassification.from_backbone(
+        minilm_path, num_labels=2, exit_pooling="mean", learning_to_exit=True,
+        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    for start in range(0, 256, 32):
+        rows = train[start : start + 32]
+        batch = tokenizer(rows["sentence"], padding=True, return_tensors="pt")
+        model(**batch, labels=torch.tensor(rows["label"])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    held_out = [dict(tokenizer(row["sentence"]), label=row["label"]) for row in train.select(range(256, 320))]
+    calibrate(model, held_out, target_speedup=2.0)
+    path = tmp_path_factory.mktemp("de3") / "checkpoint"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

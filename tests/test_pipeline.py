@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification, TextClassificationPipeline, pipeline
 
-from de3_transformers import DE3BertForSequenceClassification, DE3TextClassificationPipeline, calibrate
+from de3_transformers import DE3TextClassificationPipeline
 from de3_transformers.data import load_glue_task
 from de3_transformers.model_card import build_model_card
 
@@ -20,34 +20,6 @@ from de3_transformers.model_card import build_model_card
 def sst2_texts(glue_dir):
     validation = load_glue_task("sst2", glue_dir)["validation"]
     return validation["sentence"][:48], validation["label"][:48]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(minilm_path, glue_dir, tmp_path_factory):
-    """The real MiniLM as a DE3 model trained for a few steps on SST-2 sentences (so its answers are not coin flips)
-    and calibrated for 2x, so texts leave at different layers; saved with its tokenizer."""
-    torch.manual_seed(0)
-    train = load_glue_task("sst2", glue_dir)["train"].select(range(320))
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    model = DE3BertForSequenceClassification.from_backbone(
-        minilm_path, num_labels=2, exit_pooling="mean", id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1},
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
-    for start in range(0, 256, 32):
-        rows = train[start : start + 32]
-        batch = tokenizer(rows["sentence"], padding=True, return_tensors="pt")
-        model(**batch, labels=torch.tensor(rows["label"])).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    held_out = [dict(tokenizer(row["sentence"]), label=row["label"]) for row in train.select(range(256, 320))]
-    calibrate(model, held_out, target_speedup=2.0)
-    path = tmp_path_factory.mktemp("de3") / "checkpoint"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def single_text_results(model, tokenizer, texts):
@@ -68,7 +40,8 @@ def count_rows_per_layer(model):
     return counter
 
 
-def test_pipeline_exits_early_at_every_batch_size_with_the_answers_of_predict_early(checkpoint, sst2_texts):
+def test_pipeline_exits_early_at_every_batch_size_with_the_answers_of_predict_early(minilm_checkpoint, sst2_texts):
+    checkpoint = minilm_checkpoint
     texts, _ = sst2_texts
     classifier = pipeline("text-classification", model=str(checkpoint))
     assert type(classifier) is DE3TextClassificationPipeline
@@ -93,7 +66,8 @@ def test_pipeline_exits_early_at_every_batch_size_with_the_answers_of_predict_ea
             assert result["score"] == pytest.approx(score, abs=1e-4)
 
 
-def test_pipeline_options_per_call(checkpoint, sst2_texts):
+def test_pipeline_options_per_call(minilm_checkpoint, sst2_texts):
+    checkpoint = minilm_checkpoint
     texts, _ = sst2_texts
     classifier = pipeline("text-classification", model=str(checkpoint))
     model, tokenizer = classifier.model, classifier.tokenizer
@@ -138,7 +112,8 @@ def test_other_models_keep_the_stock_pipeline(minilm_path, tmp_path):
     assert classifier("fine")[0]["label"] in {"LABEL_0", "LABEL_1"}
 
 
-def test_checkpoint_names_its_code_for_every_auto_class_and_the_pipeline(checkpoint):
+def test_checkpoint_names_its_code_for_every_auto_class_and_the_pipeline(minilm_checkpoint):
+    checkpoint = minilm_checkpoint
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_de3.DE3BertConfig",
                                   "AutoModel": "modeling_de3.DE3BertForSequenceClassification",
@@ -147,7 +122,9 @@ def test_checkpoint_names_its_code_for_every_auto_class_and_the_pipeline(checkpo
     assert (checkpoint / "pipeline_de3.py").is_file()
 
 
-def test_without_the_package_auto_classes_and_pipeline_load_with_trust_remote_code(checkpoint, sst2_texts, tmp_path):
+def test_without_the_package_auto_classes_and_pipeline_load_with_trust_remote_code(minilm_checkpoint, sst2_texts,
+                                                                                    tmp_path):
+    checkpoint = minilm_checkpoint
     texts, _ = sst2_texts
     classifier = pipeline("text-classification", model=str(checkpoint))
     expected = classifier(texts[:12], batch_size=5, return_exit_layer=True)

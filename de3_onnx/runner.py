@@ -1,0 +1,198 @@
+"""Early exit on ONNX Runtime without torch: [`OnnxEarlyExitClassifier`] loads a folder written by
+`de3_transformers.export_onnx` and classifies tokenized batches or texts (tokenized with `tokenizers`), each sample
+leaving at its own exit.
+
+The loop is the one of `predict_early` (docs/method.md section 6): run the embeddings, then exit by exit the graph of
+the layers up to that exit and its head; the policy decides on the host which rows leave, and the rows that stay are
+copied into a smaller batch for the next graph. An empty batch stops the loop (ONNX Runtime's reshapes reject
+batch 0).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .policies import POLICY_NAMES, Exit, Policy, distance_ratio
+
+
+ONNX_CONFIG_NAME = "de3_onnx.json"
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """One graph runs after another, so a session's threads must not spin waiting for work when its graph is done:
+    seven spinning pools on 2 cores made the chain 6x slower (benchmarks/results/onnx_design_probe_cpu.md)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.inter_op_num_threads = 1
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class OnnxEarlyExitClassifier:
+    """A DE3 model exported with `export_onnx`, served on ONNX Runtime with per-sample early exit.
+
+    Args:
+        folder: the folder `export_onnx` wrote.
+        threads: intra-op threads per graph (default: ONNX Runtime's, one per core).
+        providers: ONNX Runtime execution providers (default: CPU).
+
+    Raises:
+        FileNotFoundError: when `folder` holds no export.
+    """
+
+    def __init__(self, folder, threads: int | None = None, providers: list[str] | None = None):
+        folder = Path(folder)
+        if not (folder / ONNX_CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} holds no {ONNX_CONFIG_NAME}: write it with de3_transformers.export_onnx.")
+        self.folder = folder
+        self.config = json.loads((folder / ONNX_CONFIG_NAME).read_text())
+        self.id2label = {int(index): name for index, name in self.config["id2label"].items()}
+        self.prototypes = np.load(folder / "prototypes.npy")
+        options, providers = session_options(threads), providers or ["CPUExecutionProvider"]
+        self.embeddings = ort.InferenceSession(str(folder / "embeddings.onnx"), options, providers=providers)
+        self.exits = [ort.InferenceSession(str(folder / f"exit_{index}.onnx"), options, providers=providers)
+                      for index in range(len(self.config["exit_layers"]))]
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The fast tokenizer saved with the export (`tokenizer.json`, read with `tokenizers`; loaded on first use).
+
+        Raises:
+            FileNotFoundError: when the export was written without its tokenizer.
+        """
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            path = self.folder / "tokenizer.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: export with export_onnx(model, folder, tokenizer=...) to "
+                                        "classify texts, or pass token ids to predict().")
+            self._tokenizer = Tokenizer.from_file(str(path))
+            pad_id = self.config["pad_token_id"] or 0
+            self._tokenizer.enable_padding(pad_id=pad_id, pad_token=self._tokenizer.id_to_token(pad_id))
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str], text_pairs: list[str] | None = None, max_length: int | None = None) -> dict:
+        """`{"input_ids", "attention_mask", "token_type_ids"}` `[B, L]` int64 arrays, padded to the longest text and
+        truncated to `max_length` (default: the position embeddings' length), as the model's own tokenizer gives."""
+        tokenizer = self.tokenizer
+        tokenizer.enable_truncation(max_length or self.config["max_sequence_length"])
+        encodings = tokenizer.encode_batch(texts if text_pairs is None else list(zip(texts, text_pairs)))
+        return {name: np.array([getattr(encoding, field) for encoding in encodings], dtype=np.int64)
+                for name, field in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
+                                    ("token_type_ids", "type_ids"))}
+
+    def build_policy(self, policy: str | None = None, threshold: float | None = None, lam: float | None = None,
+                     patience: int | None = None) -> Policy:
+        """The exit policy, its parameters defaulting to the exported (calibrated) ones, as `build_exit_policy`.
+
+        Raises:
+            ValueError: for an unknown policy, a threshold of another policy missing, or prototypes the policy
+                reads that were never set.
+        """
+        config = self.config
+        name = policy or config["early_exit_policy"]
+        if name not in POLICY_NAMES:
+            raise ValueError(f"policy={name!r} does not run on ONNX Runtime; choose one of {', '.join(POLICY_NAMES)}.")
+        if threshold is None:
+            if name != config["early_exit_policy"] and name != "patience":
+                raise ValueError(f"policy={name!r} is not the exported one ({config['early_exit_policy']!r}): pass its "
+                                 "threshold.")
+            threshold = config["early_exit_threshold"]
+        built = Policy(name, float(threshold), float(config["early_exit_lambda"] if lam is None else lam),
+                       int(config["early_exit_patience"] if patience is None else patience))
+        if built.needs_distance_ratio and not config["prototypes_initialized"]:
+            raise ValueError("This model's prototypes were never set, so the distance ratio is unknown: train it, or "
+                             "use lam=0 (entropy alone).")
+        if built.needs_scores and not config["learning_to_exit"]:
+            raise ValueError("policy='learned' needs learning-to-exit heads: train the model with learning_to_exit=True.")
+        return built
+
+    def predict(self, input_ids, attention_mask=None, token_type_ids=None, policy: str | None = None,
+                threshold: float | None = None, lam: float | None = None, patience: int | None = None) -> dict:
+        """Classifies a tokenized batch (numpy arrays `[B, L]`) with early exit.
+
+        Returns:
+            `{"logits": [B, K] float32, "exit_layers": [B] int64 (encoder layer 1..M each sample left at),
+            "speedup": layer speed-up M * B / sum(exit_layers)}`.
+
+        Raises:
+            ValueError: as [`build_policy`], and for inputs of another shape than `[B, L]` or longer than the
+                position embeddings.
+            FloatingPointError: when a sample's answer is not finite.
+        """
+        rule = self.build_policy(policy, threshold, lam, patience)
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape[1] > self.config["max_sequence_length"]:
+            raise ValueError(f"input_ids of shape {input_ids.shape}: give [batch, length] with length at most "
+                             f"{self.config['max_sequence_length']} (truncate longer texts).")
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        types = np.zeros_like(input_ids) if token_type_ids is None else np.asarray(token_type_ids, dtype=np.int64)
+        size, config = input_ids.shape[0], self.config
+        hidden = self.embeddings.run(None, {"input_ids": input_ids, "token_type_ids": types})[0]
+        rows = np.arange(size)  # the sample of each running row
+        out_logits = np.zeros((size, config["num_labels"]), dtype=np.float32)
+        out_layers = np.full(size, config["num_hidden_layers"], dtype=np.int64)
+        state, carried, top = rule.start(size), None, len(self.exits) - 1
+        for index, (session, layer) in enumerate(zip(self.exits, config["exit_layers"])):
+            outputs = session.run(None, {"hidden": hidden, "attention_mask": mask})
+            logits = outputs[0] if index == top else outputs[1]
+            carried = logits if carried is None or config["exit_memory"] == 1 else (
+                (1 - config["exit_memory"]) * carried + config["exit_memory"] * logits)
+            if index == top:
+                out_logits[rows], out_layers[rows] = carried, layer
+                break
+            hidden = outputs[0]
+            ratio = None
+            if rule.needs_distance_ratio:
+                ratio = distance_ratio(carried, outputs[2], self.prototypes[index], config["distance"])
+            leave, state = rule.leave(Exit(carried, ratio, outputs[3] if rule.needs_scores else None), state)
+            if leave.any():
+                out_logits[rows[leave]], out_layers[rows[leave]] = carried[leave], layer
+                stay = ~leave
+                if not stay.any():
+                    break
+                rows, hidden, mask, carried = rows[stay], hidden[stay], mask[stay], carried[stay]
+                state = tuple(part[stay] for part in state)
+        not_finite = ~np.isfinite(out_logits.sum(axis=-1))
+        if not_finite.any():
+            raise FloatingPointError(
+                f"The logits of samples {np.flatnonzero(not_finite)[:8].tolist()} are not finite (NaN or inf): the "
+                "exported weights hold NaN or inf. Check the model with predict_early before exporting it."
+            )
+        return {"logits": out_logits, "exit_layers": out_layers,
+                "speedup": config["num_hidden_layers"] * size / int(out_layers.sum())}
+
+    def __call__(self, texts, text_pairs=None, batch_size: int = 32, max_length: int | None = None, **exit_options):
+        """Classifies texts (or text pairs) with early exit, in batches of texts of similar length; results in input
+        order.
+
+        Returns:
+            A list of `{"label", "score" (softmax probability of the label), "exit_layer"}`, one per text.
+
+        Raises:
+            ValueError: as [`predict`].
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        pairs = None if text_pairs is None else ([text_pairs] if isinstance(text_pairs, str) else list(text_pairs))
+        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
+        results = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            encoded = self.tokenize([texts[i] for i in chunk], None if pairs is None else [pairs[i] for i in chunk],
+                                    max_length)
+            out = self.predict(**encoded, **exit_options)
+            probabilities = np.exp(out["logits"] - out["logits"].max(axis=-1, keepdims=True))
+            probabilities /= probabilities.sum(axis=-1, keepdims=True)
+            for row, index in enumerate(chunk):
+                label = int(probabilities[row].argmax())
+                results[index] = {"label": self.id2label[label], "score": float(probabilities[row, label]),
+                                  "exit_layer": int(out["exit_layers"][row])}
+        return results
+
+
+__all__ = ["OnnxEarlyExitClassifier", "session_options"]

@@ -1,0 +1,177 @@
+"""Export of a DE3 model for ONNX Runtime: one graph for the embeddings and one per exit (the layers since the previous
+exit and the exit head), which `de3_onnx.OnnxEarlyExitClassifier` chains from the host with early exit and batch
+compaction between them (no torch there).
+
+Why one graph per exit: ONNX Runtime runs a whole graph on every call (it neither stops early nor skips what the
+requested outputs do not need), so the only place to leave early is between graphs. Measured on the MiniLM at batch 1
+(`benchmarks/results/onnx_design_probe_cpu.md`): seven chained sessions cost about 9% over the one-graph model, where
+an index-op graph that compacts inside ONNX costs 90%.
+"""
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .early_exit import encoder_steps
+
+
+ONNX_CONFIG_NAME = "de3_onnx.json"
+OPSET = 17
+# Additive attention bias of padding tokens: large enough to zero their softmax weight in fp32, small enough to keep
+# sums finite (the value `transformers` uses is finfo.min, which overflows when added twice).
+MASK_BIAS = -1e9
+
+
+def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * MASK_BIAS
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embeddings = model.backbone.embeddings
+
+    def forward(self, input_ids, token_type_ids):
+        return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+
+
+class _ExitSegment(nn.Module):
+    """The encoder layers after the previous exit up to exit `exit_index`, then its head: the hidden states for the
+    next segment (not at the top), the logits, and below the top the prototypical features and, with
+    learning-to-exit heads, the scores."""
+
+    def __init__(self, model, exit_index: int, layers: list[nn.Module]):
+        super().__init__()
+        self.model, self.exit_index, self.layers = model, exit_index, nn.ModuleList(layers)
+        self.top = exit_index == model.config.num_exits - 1
+
+    def forward(self, hidden, attention_mask):
+        bias = _additive_mask(attention_mask, hidden.dtype)
+        for layer in self.layers:
+            output = layer(hidden, attention_mask=bias)
+            hidden = output[0] if isinstance(output, tuple) else output
+        head = self.model.exit_head(self.exit_index, hidden, attention_mask, features=True, scores=True)
+        if self.top:
+            return head.logits
+        outputs = (hidden, head.logits, head.features)
+        return outputs + ((head.scores,) if head.scores is not None else ())
+
+
+def _segments(model) -> list[_ExitSegment]:
+    segments, pending = [], []
+    for _, layer, exit_index in encoder_steps(model):
+        pending.append(layer)
+        if exit_index is not None:
+            segments.append(_ExitSegment(model, exit_index, pending))
+            pending = []
+    return segments
+
+
+def _output_names(segment: _ExitSegment) -> list[str]:
+    if segment.top:
+        return ["logits"]
+    return ["hidden_out", "logits", "features"] + (["scores"] if segment.model.config.learning_to_exit else [])
+
+
+def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Path:
+    """Writes what serving `model` with early exit on ONNX Runtime needs, without torch: the graphs
+    (`embeddings.onnx`, `exit_<i>.onnx`), `de3_onnx.json` (exit layers, exit policy and its calibrated parameters,
+    label names, distance), `prototypes.npy`, and the tokenizer's files when `tokenizer` is given. Batch size and
+    sequence length are dynamic. Load it with `de3_onnx.OnnxEarlyExitClassifier(save_directory)`.
+
+    Args:
+        model: a DE3 model (fp32; any training objective); exported on CPU in eval mode, then restored.
+        save_directory: the folder to write (created).
+        tokenizer: the model's tokenizer, saved beside the graphs for classifying texts.
+        opset: the ONNX opset.
+
+    Returns:
+        The folder.
+
+    Raises:
+        NotImplementedError: for a model with MPEE token exit (`token_exit_ratio > 0`), whose pruning is not exported.
+        ValueError: for a model whose weights are not float32.
+    """
+    config = model.config
+    if config.token_exit:
+        raise NotImplementedError(
+            "The ONNX export does not cover MPEE token exit (token_exit_ratio > 0) yet: serve this model with "
+            "predict_early, or export a copy with config.token_exit_ratio = 0 (its exits then see every token)."
+        )
+    if model.dtype != torch.float32:
+        raise ValueError(f"export_onnx exports float32 weights; this model is {model.dtype}: call model.float() first.")
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    device, training, attention = model.device, model.training, config._attn_implementation
+    # The eager attention takes the additive mask built in each graph; SDPA's mask handling does not trace to a graph
+    # with a dynamic batch.
+    model.set_attn_implementation("eager")
+    model.to("cpu").eval()
+    try:
+        _export_graphs(model, folder, opset)
+    finally:
+        model.set_attn_implementation(attention)
+        model.to(device).train(training)
+    np.save(folder / "prototypes.npy", model.prototype_memory.prototypes.detach().float().cpu().numpy())
+    settings = {
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "exit_layers": list(config.exit_layers),
+        "num_labels": config.num_labels,
+        "id2label": {str(index): name for index, name in config.id2label.items()},
+        "distance": config.distance,
+        "exit_memory": config.exit_memory,
+        "learning_to_exit": bool(config.learning_to_exit),
+        "prototypes_initialized": bool(model.prototype_memory.all_initialized),
+        "early_exit_policy": config.early_exit_policy,
+        "early_exit_threshold": config.early_exit_threshold,
+        "early_exit_lambda": config.early_exit_lambda,
+        "early_exit_patience": config.early_exit_patience,
+        "pad_token_id": config.pad_token_id,
+        "max_sequence_length": model.max_sequence_length,
+    }
+    (folder / ONNX_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def _export_graphs(model, folder: Path, opset: int) -> None:
+    # Two rows of different lengths, so that the traced graph keeps batch and length symbolic.
+    input_ids = torch.full((2, 8), model.config.pad_token_id or 0, dtype=torch.long)
+    input_ids[:, 0], input_ids[0, 1:7], input_ids[1, 1:4] = 1, 5, 6
+    attention_mask = (input_ids != (model.config.pad_token_id or 0)).long()
+    token_type_ids = torch.zeros_like(input_ids)
+    embeddings = _Embeddings(model)
+    _export(embeddings, (input_ids, token_type_ids), folder / "embeddings.onnx", ["input_ids", "token_type_ids"],
+            ["hidden"], opset)
+    hidden = embeddings(input_ids, token_type_ids)
+    for segment in _segments(model):
+        names = _output_names(segment)
+        _export(segment, (hidden, attention_mask), folder / f"exit_{segment.exit_index}.onnx",
+                ["hidden", "attention_mask"], names, opset)
+        if not segment.top:
+            hidden = segment(hidden, attention_mask)[0]
+
+
+def _export(module, inputs, path: Path, input_names, output_names, opset: int) -> None:
+    batch_and_length = {0: "batch", 1: "sequence"}
+    dynamic = {name: batch_and_length for name in input_names}
+    for name in output_names:
+        dynamic[name] = batch_and_length if name == "hidden_out" or name == "hidden" else {0: "batch"}
+    # The TorchScript exporter: it keeps the batch and sequence sizes symbolic through these layers as they are. Its
+    # deprecation notice and the tracer's note on `F.embedding`'s index check (a constant here) would only alarm.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(module, inputs, os.fspath(path), input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+
+
+__all__ = ["ONNX_CONFIG_NAME", "export_onnx"]

@@ -1,0 +1,133 @@
+"""Early exit on ONNX Runtime: `export_onnx` and the torch-free `de3_onnx` runner give the exits and logits of
+`predict_early`, for every policy that needs no labels, on the real MiniLM and on tiny random models."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from de3_onnx import POLICY_NAMES, OnnxEarlyExitClassifier
+from de3_transformers import calibrate, collect_exit_signals, export_onnx
+from de3_transformers.data import load_glue_task
+
+from conftest import mixed_length_batch, tiny_model, train_prototypes
+
+
+@pytest.fixture(scope="module")
+def exported(minilm_checkpoint, tmp_path_factory):
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_checkpoint)
+    folder = export_onnx(model, tmp_path_factory.mktemp("onnx") / "export", tokenizer=tokenizer)
+    return model, tokenizer, folder
+
+
+@pytest.fixture(scope="module")
+def policy_settings(exported, glue_dir):
+    """Each policy calibrated for a 2x layer speed-up on 64 SST-2 training sentences, so samples leave at
+    different exits under every one."""
+    model, tokenizer, _ = exported
+    rows = load_glue_task("sst2", glue_dir)["train"].select(range(400, 464))
+    signals = collect_exit_signals(model, [dict(tokenizer(row["sentence"]), label=row["label"]) for row in rows])
+    settings = {}
+    for name in POLICY_NAMES:
+        result = calibrate(model, None, target_speedup=2.0 if name != "patience" else 1.5, policy=name,
+                           signals=signals, save=False)
+        settings[name] = {key: value for key, value in result.parameters.items() if key in ("threshold", "lam",
+                                                                                            "patience")}
+    return settings
+
+
+@pytest.fixture(scope="module")
+def dev_sentences(glue_dir):
+    return load_glue_task("sst2", glue_dir)["validation"]["sentence"][:200]
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_exits_and_logits_equal_predict_early_for_every_policy(exported, policy_settings, dev_sentences, batch_size):
+    model, tokenizer, folder = exported
+    runner = OnnxEarlyExitClassifier(folder, threads=2)
+    for name, parameters in policy_settings.items():
+        layers_seen = set()
+        for start in range(0, len(dev_sentences), batch_size):
+            batch = tokenizer(dev_sentences[start : start + batch_size], padding=True, return_tensors="pt")
+            expected = model.predict_early(**batch, policy=name, **parameters)
+            got = runner.predict(**{key: value.numpy() for key, value in batch.items()}, policy=name, **parameters)
+            assert np.array_equal(got["exit_layers"], expected.sample_exit_layers.numpy()), (name, start)
+            np.testing.assert_allclose(got["logits"], expected.logits.numpy(), atol=1e-4, rtol=0)
+            layers_seen.update(got["exit_layers"].tolist())
+        assert len(layers_seen) > 1, name  # the comparison covers samples leaving at different exits
+
+
+def test_texts_give_the_labels_scores_and_layers_of_the_pipeline(exported, dev_sentences):
+    from transformers import pipeline
+
+    model, tokenizer, folder = exported
+    runner = OnnxEarlyExitClassifier(folder)
+    expected = pipeline("text-classification", model=model, tokenizer=tokenizer)(
+        dev_sentences[:40], return_exit_layer=True)
+    results = runner(dev_sentences[:40], batch_size=8)  # length-sorted batches, results in input order
+    assert [(r["label"], r["exit_layer"]) for r in results] == [(r["label"], r["exit_layer"]) for r in expected]
+    assert [r["score"] for r in results] == pytest.approx([r["score"] for r in expected], abs=1e-4)
+    pairs = runner(dev_sentences[:3], text_pairs=dev_sentences[3:6])
+    encoded = tokenizer(dev_sentences[:1], dev_sentences[3:4], return_tensors="pt")
+    assert pairs[0]["exit_layer"] == int(model.predict_early(**encoded).sample_exit_layers[0])
+
+
+def test_the_runner_needs_no_torch(exported, tmp_path):
+    _, _, folder = exported
+    script = textwrap.dedent(f"""
+        import json, sys
+        class Block:  # make `import torch` fail
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "de3_transformers", "transformers"):
+                    raise ImportError(name + " is blocked")
+        sys.meta_path.insert(0, Block())
+        from de3_onnx import OnnxEarlyExitClassifier
+        runner = OnnxEarlyExitClassifier({str(folder)!r})
+        print(json.dumps(runner(["a gripping, funny film", "a dull, lifeless mess"])))
+        assert "torch" not in sys.modules
+    """)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [set(result) for result in results] == [{"label", "score", "exit_layer"}] * 2
+
+
+@pytest.mark.parametrize("backbone", ["bert", "roberta"])
+def test_tiny_models_of_both_backbones_with_classifier_memory(backbone, tmp_path):
+    model = train_prototypes(tiny_model(backbone, exit_memory=0.9, exit_layers=[2, 4])).eval()
+    folder = export_onnx(model, tmp_path)
+    runner = OnnxEarlyExitClassifier(folder)
+    input_ids, attention_mask = mixed_length_batch(batch_size=12, pad_token_id=model.config.pad_token_id)
+    for policy, parameters in (("de3", {"threshold": 0.5}), ("patience", {"patience": 0})):
+        expected = model.predict_early(input_ids, attention_mask, policy=policy, **parameters)
+        got = runner.predict(input_ids.numpy(), attention_mask.numpy(), policy=policy, **parameters)
+        assert np.array_equal(got["exit_layers"], expected.sample_exit_layers.numpy())
+        np.testing.assert_allclose(got["logits"], expected.logits.numpy(), atol=1e-5, rtol=0)
+        assert got["speedup"] == pytest.approx(expected.speedup)
+
+
+def test_what_the_export_does_not_cover_is_refused(tmp_path):
+    with pytest.raises(NotImplementedError, match="token exit"):
+        export_onnx(tiny_model(token_exit_ratio=0.3), tmp_path)
+    with pytest.raises(ValueError, match="float32"):
+        export_onnx(tiny_model().to(torch.bfloat16), tmp_path)
+    folder = export_onnx(tiny_model(), tmp_path / "untrained")  # prototypes never set
+    runner = OnnxEarlyExitClassifier(folder)
+    ids = np.array([[1, 5, 6, 2]])
+    with pytest.raises(ValueError, match="prototypes were never set"):
+        runner.predict(ids, policy="de3", threshold=0.5, lam=1.0)
+    with pytest.raises(ValueError, match="learning-to-exit"):
+        runner.predict(ids, policy="learned", threshold=0.5)
+    with pytest.raises(ValueError, match="does not run on ONNX Runtime"):
+        runner.predict(ids, policy="oracle")
+    with pytest.raises(FileNotFoundError, match="export_onnx"):
+        OnnxEarlyExitClassifier(tmp_path / "nothing")
+    assert runner.predict(ids, policy="entropy", threshold=0.0)["exit_layers"].tolist() == [4]
