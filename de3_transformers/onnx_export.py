@@ -2,10 +2,10 @@
 exit and the exit head), which `de3_onnx.OnnxEarlyExitClassifier` chains from the host with early exit and batch
 compaction between them (no torch there).
 
-Why one graph per exit: ONNX Runtime runs a whole graph on every call (it neither stops early nor skips what the
-requested outputs do not need), so the only place to leave early is between graphs. Measured on the MiniLM at batch 1
-(`benchmarks/results/onnx_design_probe_cpu.md`): seven chained sessions cost about 9% over the one-graph model, where
-an index-op graph that compacts inside ONNX costs 90%.
+Why one graph per exit: ONNX Runtime runs a whole graph on every call (it neither stops early nor skips nodes the
+requested outputs do not need, and asks for every graph input), so the only place to leave early without dynamic-shape
+index operations inside the graph is between graphs. What the chain costs against the one-graph plain model is
+measured in `benchmarks/results/onnxruntime_cpu.md`.
 """
 
 import json
