@@ -3,8 +3,8 @@
 leaving at its own exit.
 
 The loop is the one of `predict_early` (docs/method.md section 6): run the embeddings, then exit by exit the graph of
-the layers up to that exit and its head; the policy decides on the host which rows leave, and the rows that stay are
-copied into a smaller batch for the next graph. An empty batch stops the loop (ONNX Runtime's reshapes reject
+the layers up to that exit, its head and its exit signals; the policy decides on the host which rows leave, and the
+rows that stay are copied into a smaller batch for the next graph. An empty batch stops the loop (ONNX Runtime's reshapes reject
 batch 0).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .policies import POLICY_NAMES, Exit, Policy, distance_ratio
+from .policies import POLICY_NAMES, Policy
 
 
 ONNX_CONFIG_NAME = "de3_onnx.json"
@@ -52,11 +52,11 @@ class OnnxEarlyExitClassifier:
         self.folder = folder
         self.config = json.loads((folder / ONNX_CONFIG_NAME).read_text())
         self.id2label = {int(index): name for index, name in self.config["id2label"].items()}
-        self.prototypes = np.load(folder / "prototypes.npy")
         options, providers = session_options(threads), providers or ["CPUExecutionProvider"]
         self.embeddings = ort.InferenceSession(str(folder / "embeddings.onnx"), options, providers=providers)
         self.exits = [ort.InferenceSession(str(folder / f"exit_{index}.onnx"), options, providers=providers)
                       for index in range(len(self.config["exit_layers"]))]
+        self.output_names = [[output.name for output in session.get_outputs()] for session in self.exits]
         self._tokenizer = None
 
     @property
@@ -142,18 +142,16 @@ class OnnxEarlyExitClassifier:
         out_layers = np.full(size, config["num_hidden_layers"], dtype=np.int64)
         state, carried, top = rule.start(size), None, len(self.exits) - 1
         for index, (session, layer) in enumerate(zip(self.exits, config["exit_layers"])):
-            outputs = session.run(None, {"hidden": hidden, "attention_mask": mask})
-            logits = outputs[0] if index == top else outputs[1]
-            carried = logits if carried is None or config["exit_memory"] == 1 else (
-                (1 - config["exit_memory"]) * carried + config["exit_memory"] * logits)
+            feeds = {"hidden": hidden, "attention_mask": mask}
+            if index > 0 and config["exit_memory"] != 1:
+                feeds["carried"] = carried  # MPEE's classifier memory: the graph averages the logits with these
+            outputs = session.run(None, feeds)
             if index == top:
-                out_logits[rows], out_layers[rows] = carried, layer
+                out_logits[rows], out_layers[rows] = outputs[0], layer
                 break
-            hidden = outputs[0]
-            ratio = None
-            if rule.needs_distance_ratio:
-                ratio = distance_ratio(carried, outputs[2], self.prototypes[index], config["distance"])
-            leave, state = rule.leave(Exit(carried, ratio, outputs[3] if rule.needs_scores else None), state)
+            signals = dict(zip(self.output_names[index], outputs))
+            hidden, carried = signals.pop("hidden_out"), signals["logits"]
+            leave, state = rule.leave(signals, state)
             if leave.any():
                 out_logits[rows[leave]], out_layers[rows[leave]] = carried[leave], layer
                 stay = ~leave

@@ -1,6 +1,6 @@
 """Export of a DE3 model for ONNX Runtime: one graph for the embeddings and one per exit (the layers since the previous
-exit and the exit head), which `de3_onnx.OnnxEarlyExitClassifier` chains from the host with early exit and batch
-compaction between them (no torch there).
+exit, the exit head and its exit signals), which `de3_onnx.OnnxEarlyExitClassifier` chains from the host with early
+exit and batch compaction between them (no torch there).
 
 Why one graph per exit: ONNX Runtime runs a whole graph on every call (it neither stops early nor skips nodes the
 requested outputs do not need, and asks for every graph input), so the only place to leave early without dynamic-shape
@@ -13,11 +13,12 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .early_exit import encoder_steps
+from .signals import distance_ratio, max_probability, normalized_energy, normalized_entropy
+from .token_exit import running_average
 
 
 ONNX_CONFIG_NAME = "de3_onnx.json"
@@ -41,25 +42,35 @@ class _Embeddings(nn.Module):
 
 
 class _ExitSegment(nn.Module):
-    """The encoder layers after the previous exit up to exit `exit_index`, then its head: the hidden states for the
-    next segment (not at the top), the logits, and below the top the prototypical features and, with
-    learning-to-exit heads, the scores."""
+    """The encoder layers after the previous exit up to exit `exit_index`, then its head. Outputs the hidden states
+    for the next segment (not at the top), the exit's logits (averaged with the carried ones under MPEE's classifier
+    memory) and, below the top, every exit signal a policy reads, computed here by `signals` itself (so the runner
+    only compares them with thresholds): entropy, energy, largest probability, and the distance ratio (when the
+    prototypes are set) and learning-to-exit score (with those heads)."""
 
     def __init__(self, model, exit_index: int, layers: list[nn.Module]):
         super().__init__()
         self.model, self.exit_index, self.layers = model, exit_index, nn.ModuleList(layers)
         self.top = exit_index == model.config.num_exits - 1
+        self.carries = exit_index > 0 and model.config.exit_memory != 1
+        self.with_ratio = model.prototype_memory.all_initialized
 
-    def forward(self, hidden, attention_mask):
+    def forward(self, hidden, attention_mask, carried=None):
         bias = _additive_mask(attention_mask, hidden.dtype)
         for layer in self.layers:
             output = layer(hidden, attention_mask=bias)
             hidden = output[0] if isinstance(output, tuple) else output
         head = self.model.exit_head(self.exit_index, hidden, attention_mask, features=True, scores=True)
+        logits = running_average(carried, head.logits, self.model.config.exit_memory)
         if self.top:
-            return head.logits
-        outputs = (hidden, head.logits, head.features)
-        return outputs + ((head.scores,) if head.scores is not None else ())
+            return logits
+        outputs = [hidden, logits, normalized_entropy(logits), normalized_energy(logits), max_probability(logits)]
+        if self.with_ratio:
+            prototypes = self.model.prototype_memory.prototypes[self.exit_index]
+            outputs.append(distance_ratio(logits, head.features, prototypes, self.model.config.distance))
+        if head.scores is not None:
+            outputs.append(head.scores.float())
+        return tuple(outputs)
 
 
 def _segments(model) -> list[_ExitSegment]:
@@ -72,17 +83,23 @@ def _segments(model) -> list[_ExitSegment]:
     return segments
 
 
+def _input_names(segment: _ExitSegment) -> list[str]:
+    return ["hidden", "attention_mask"] + (["carried"] if segment.carries else [])
+
+
 def _output_names(segment: _ExitSegment) -> list[str]:
     if segment.top:
         return ["logits"]
-    return ["hidden_out", "logits", "features"] + (["scores"] if segment.model.config.learning_to_exit else [])
+    return (["hidden_out", "logits", "entropy", "energy", "max_prob"] + (["distance_ratio"] if segment.with_ratio
+            else []) + (["scores"] if segment.model.config.learning_to_exit else []))
 
 
 def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Path:
     """Writes what serving `model` with early exit on ONNX Runtime needs, without torch: the graphs
-    (`embeddings.onnx`, `exit_<i>.onnx`), `de3_onnx.json` (exit layers, exit policy and its calibrated parameters,
-    label names, distance), `prototypes.npy`, and the tokenizer's files when `tokenizer` is given. Batch size and
-    sequence length are dynamic. Load it with `de3_onnx.OnnxEarlyExitClassifier(save_directory)`.
+    (`embeddings.onnx`, `exit_<i>.onnx`; the prototypes are constants of the exit graphs, which compute the distance
+    ratio), `de3_onnx.json` (exit layers, exit policy and its calibrated parameters, label names), and the
+    tokenizer's files when `tokenizer` is given. Batch size and sequence length are dynamic. Load it with
+    `de3_onnx.OnnxEarlyExitClassifier(save_directory)`.
 
     Args:
         model: a DE3 model (fp32; any training objective); exported on CPU in eval mode, then restored.
@@ -96,6 +113,7 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Pa
     Raises:
         NotImplementedError: for a model with MPEE token exit (`token_exit_ratio > 0`), whose pruning is not exported.
         ValueError: for a model whose weights are not float32.
+        RuntimeError: for prototypes marked set that are not usable (not finite, or zero), as `predict_early`.
     """
     config = model.config
     if config.token_exit:
@@ -105,11 +123,12 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Pa
         )
     if model.dtype != torch.float32:
         raise ValueError(f"export_onnx exports float32 weights; this model is {model.dtype}: call model.float() first.")
+    if model.prototype_memory.all_initialized:
+        model.prototype_memory.require_usable()  # baked into the graphs: a bad prototype must not get that far
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     device, training, attention = model.device, model.training, config._attn_implementation
-    # The eager attention takes the additive mask built in each graph; SDPA's mask handling does not trace to a graph
-    # with a dynamic batch.
+    # Each graph builds an additive mask from `attention_mask`, which the eager attention reads as it is.
     model.set_attn_implementation("eager")
     model.to("cpu").eval()
     try:
@@ -117,14 +136,12 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Pa
     finally:
         model.set_attn_implementation(attention)
         model.to(device).train(training)
-    np.save(folder / "prototypes.npy", model.prototype_memory.prototypes.detach().float().cpu().numpy())
     settings = {
         "model_type": config.model_type,
         "num_hidden_layers": config.num_hidden_layers,
         "exit_layers": list(config.exit_layers),
         "num_labels": config.num_labels,
         "id2label": {str(index): name for index, name in config.id2label.items()},
-        "distance": config.distance,
         "exit_memory": config.exit_memory,
         "learning_to_exit": bool(config.learning_to_exit),
         "prototypes_initialized": bool(model.prototype_memory.all_initialized),
@@ -151,20 +168,21 @@ def _export_graphs(model, folder: Path, opset: int) -> None:
     embeddings = _Embeddings(model)
     _export(embeddings, (input_ids, token_type_ids), folder / "embeddings.onnx", ["input_ids", "token_type_ids"],
             ["hidden"], opset)
-    hidden = embeddings(input_ids, token_type_ids)
+    hidden, carried = embeddings(input_ids, token_type_ids), None
     for segment in _segments(model):
-        names = _output_names(segment)
-        _export(segment, (hidden, attention_mask), folder / f"exit_{segment.exit_index}.onnx",
-                ["hidden", "attention_mask"], names, opset)
+        inputs = (hidden, attention_mask) + ((carried,) if segment.carries else ())
+        _export(segment, inputs, folder / f"exit_{segment.exit_index}.onnx", _input_names(segment),
+                _output_names(segment), opset)
         if not segment.top:
-            hidden = segment(hidden, attention_mask)[0]
+            hidden, carried = segment(*inputs)[:2]
 
 
 def _export(module, inputs, path: Path, input_names, output_names, opset: int) -> None:
     batch_and_length = {0: "batch", 1: "sequence"}
     dynamic = {name: batch_and_length for name in input_names}
+    dynamic.update({name: {0: "batch"} for name in input_names if name == "carried"})
     for name in output_names:
-        dynamic[name] = batch_and_length if name == "hidden_out" or name == "hidden" else {0: "batch"}
+        dynamic[name] = batch_and_length if name in ("hidden", "hidden_out") else {0: "batch"}
     # The TorchScript exporter: it keeps the batch and sequence sizes symbolic through these layers as they are. Its
     # deprecation notice and the tracer's note on `F.embedding`'s index check (a constant here) would only alarm.
     with warnings.catch_warnings():

@@ -106,7 +106,7 @@ class DE3Trainer(Trainer):
             )
         if self.args.n_gpu > 1:
             # `nn.DataParallel` replicates the model per step: prototype statistics would land on the throwaway
-            # replicas, and exit outputs come back concatenated along the exit axis.
+            # replicas.
             raise ValueError(
                 f"DE3Trainer does not support nn.DataParallel ({self.args.n_gpu} GPUs in one process); launch with "
                 "`torchrun --nproc_per_node N` or `accelerate launch` for distributed data parallel training."
