@@ -4,8 +4,8 @@ leaving at its own exit.
 
 The loop is the one of `predict_early` (docs/method.md section 6): run the embeddings, then exit by exit the graph of
 the layers up to that exit, its head and its exit signals; the policy decides on the host which rows leave, and the
-rows that stay are copied into a smaller batch for the next graph. An empty batch stops the loop (ONNX Runtime's reshapes reject
-batch 0).
+rows that stay are copied into a smaller batch for the next graph. The loop stops when no row is left: no graph
+ever runs on an empty batch, which ONNX Runtime's reshapes reject.
 """
 
 import json
@@ -93,8 +93,8 @@ class OnnxEarlyExitClassifier:
         """The exit policy, its parameters defaulting to the exported (calibrated) ones, as `build_exit_policy`.
 
         Raises:
-            ValueError: for an unknown policy, a threshold of another policy missing, or prototypes the policy
-                reads that were never set.
+            ValueError: for an unknown policy, a threshold of another policy missing, a parameter that is not
+                finite (or a negative lambda or patience), or prototypes the policy reads that were never set.
         """
         config = self.config
         name = policy or config["early_exit_policy"]
@@ -107,6 +107,9 @@ class OnnxEarlyExitClassifier:
             threshold = config["early_exit_threshold"]
         built = Policy(name, float(threshold), float(config["early_exit_lambda"] if lam is None else lam),
                        int(config["early_exit_patience"] if patience is None else patience))
+        if not (np.isfinite(built.threshold) and np.isfinite(built.lam) and built.lam >= 0 and built.patience >= 0):
+            raise ValueError(f"threshold={threshold!r}, lam={lam!r} and patience={patience!r} must be finite, with lam "
+                             "and patience at least 0.")
         if built.needs_distance_ratio and not config["prototypes_initialized"]:
             raise ValueError("This model's prototypes were never set, so the distance ratio is unknown: train it, or "
                              "use lam=0 (entropy alone).")
@@ -124,15 +127,15 @@ class OnnxEarlyExitClassifier:
             "speedup": layer speed-up M * B / sum(exit_layers)}`.
 
         Raises:
-            ValueError: as [`build_policy`], and for inputs of another shape than `[B, L]` or longer than the
-                position embeddings.
+            ValueError: as [`build_policy`], and for inputs of another shape than `[B, L]`, empty, or longer than
+                the position embeddings.
             FloatingPointError: when a sample's answer is not finite.
         """
         rule = self.build_policy(policy, threshold, lam, patience)
         input_ids = np.asarray(input_ids, dtype=np.int64)
-        if input_ids.ndim != 2 or input_ids.shape[1] > self.config["max_sequence_length"]:
-            raise ValueError(f"input_ids of shape {input_ids.shape}: give [batch, length] with length at most "
-                             f"{self.config['max_sequence_length']} (truncate longer texts).")
+        if input_ids.ndim != 2 or 0 in input_ids.shape or input_ids.shape[1] > self.config["max_sequence_length"]:
+            raise ValueError(f"input_ids of shape {input_ids.shape}: give [batch, length], neither empty, with length "
+                             f"at most {self.config['max_sequence_length']} (truncate longer texts).")
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         types = np.zeros_like(input_ids) if token_type_ids is None else np.asarray(token_type_ids, dtype=np.int64)
         size, config = input_ids.shape[0], self.config

@@ -128,6 +128,10 @@ def test_what_the_export_does_not_cover_is_refused(tmp_path):
         runner.predict(ids, policy="learned", threshold=0.5)
     with pytest.raises(ValueError, match="does not run on ONNX Runtime"):
         runner.predict(ids, policy="oracle")
+    with pytest.raises(ValueError, match="finite"):
+        runner.predict(ids, policy="entropy", threshold=float("nan"))
+    with pytest.raises(ValueError, match="neither empty"):
+        runner.predict(np.zeros((0, 4), dtype=np.int64), policy="entropy", threshold=0.5)
     with pytest.raises(FileNotFoundError, match="export_onnx"):
         OnnxEarlyExitClassifier(tmp_path / "nothing")
     assert runner.predict(ids, policy="entropy", threshold=0.0)["exit_layers"].tolist() == [4]
