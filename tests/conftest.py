@@ -56,6 +56,19 @@ def train_prototypes(model, steps: int = 3, seed: int = 2):
     return model.eval()
 
 
+def blocking_imports(*packages: str) -> str:
+    """The first lines of a script for a subprocess in which importing any of `packages` fails, as where they are not
+    installed."""
+    return (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {packages!r}:\n"
+        "            raise ImportError(name + ' is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+
+
 @pytest.fixture(params=sorted(BACKBONES))
 def backbone(request):
     return request.param

@@ -17,7 +17,7 @@ import de3_transformers
 from de3_transformers import DE3BertConfig, DE3BertForSequenceClassification, DE3RobertaForSequenceClassification
 from de3_transformers.checkpoints import logger as modeling_logger
 
-from conftest import BACKBONES, mixed_length_batch, tiny_model, train_prototypes
+from conftest import BACKBONES, blocking_imports, mixed_length_batch, tiny_model, train_prototypes
 
 
 def test_safetensors_holds_prototypes_and_mask_and_they_reload_bit_for_bit(trained_model, tmp_path):
@@ -67,13 +67,8 @@ def test_checkpoint_loads_with_trust_remote_code_without_the_package(trained_mod
     auto_map = json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForSequenceClassification"}
     torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "inputs.pt")
-    script = textwrap.dedent(f"""
-        import sys, torch
-        class Block:  # make `import de3_transformers` fail, as where the package is not installed
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "de3_transformers":
-                    raise ImportError("de3_transformers is blocked")
-        sys.meta_path.insert(0, Block())
+    script = blocking_imports("de3_transformers") + textwrap.dedent(f"""
+        import torch
         from transformers import AutoModelForSequenceClassification
         model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
         assert "de3_transformers" not in sys.modules

@@ -16,7 +16,7 @@ from de3_onnx import POLICY_NAMES, OnnxEarlyExitClassifier
 from de3_transformers import calibrate, collect_exit_signals, export_onnx
 from de3_transformers.data import load_glue_task
 
-from conftest import mixed_length_batch, tiny_model, train_prototypes
+from conftest import blocking_imports, mixed_length_batch, tiny_model, train_prototypes
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +81,8 @@ def test_texts_give_the_labels_scores_and_layers_of_the_pipeline(exported, dev_s
 
 def test_the_runner_needs_no_torch(exported, tmp_path):
     _, _, folder = exported
-    script = textwrap.dedent(f"""
-        import json, sys
-        class Block:  # make `import torch` fail
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "de3_transformers", "transformers"):
-                    raise ImportError(name + " is blocked")
-        sys.meta_path.insert(0, Block())
+    script = blocking_imports("torch", "de3_transformers", "transformers") + textwrap.dedent(f"""
+        import json
         from de3_onnx import OnnxEarlyExitClassifier
         runner = OnnxEarlyExitClassifier({str(folder)!r})
         print(json.dumps(runner(["a gripping, funny film", "a dull, lifeless mess"])))

@@ -15,6 +15,8 @@ from de3_transformers import DE3TextClassificationPipeline
 from de3_transformers.data import load_glue_task
 from de3_transformers.model_card import build_model_card
 
+from conftest import blocking_imports
+
 
 @pytest.fixture(scope="module")
 def sst2_texts(glue_dir):
@@ -131,14 +133,8 @@ def test_without_the_package_auto_classes_and_pipeline_load_with_trust_remote_co
     # The model card's own lines for this setting, run as they are.
     card = build_model_card(classifier.model, task_name="sst2", dataset_name="glue", model_name=str(checkpoint))
     card_lines = card.text.split("Without the package", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    script = textwrap.dedent(f"""
-        import json, sys
-        class Block:  # make `import de3_transformers` fail, as where the package is not installed
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "de3_transformers":
-                    raise ImportError("de3_transformers is blocked")
-        sys.meta_path.insert(0, Block())
-    """) + card_lines + textwrap.dedent(f"""
+    script = blocking_imports("de3_transformers") + card_lines + textwrap.dedent(f"""
+        import json
         from transformers import AutoModel
         base = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
         assert "de3_transformers" not in sys.modules
