@@ -131,3 +131,13 @@ def test_run_glue_from_an_unnamed_checkpoint_takes_the_datas_label_names(minilm_
     fine_tune(tmp_path / "start", write_csv(tmp_path / "train.csv", [1, 0]), tmp_path / "out")
     saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert saved.config.id2label == {0: "0", 1: "1"}
+
+
+def test_run_glue_from_a_checkpoint_with_another_number_of_classes_starts_its_heads_afresh(named_checkpoint,
+                                                                                          tmp_path):
+    rows = [f"{text},{('good', 'bad', 'mixed')[index % 3]}" for index, text in enumerate(SENTENCES)]
+    (tmp_path / "three.csv").write_text("\n".join(["text,label", *rows]) + "\n")
+    fine_tune(named_checkpoint, tmp_path / "three.csv", tmp_path / "out", "--ignore_mismatched_sizes", "true")
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert saved.config.id2label == {0: "bad", 1: "good", 2: "mixed"} and saved.classifier.out_features == 3
+    assert saved.prototype_memory.initialized.all()  # the new prototypes were set by the training run
