@@ -22,21 +22,25 @@ def predict_dataset(
     sort_by_length: bool = True,
     pad_to_multiple_of: int | None = 8,
     device=None,
+    backend: str = "pytorch",
     **predict_kwargs,
 ) -> DE3EarlyExitOutput:
-    """Runs `model.predict_early` over every row of `dataset`, in length-sorted batches, and returns the results in
-    the dataset's order.
+    """Runs early exit over every row of `dataset`, in length-sorted batches, and returns the results in the dataset's
+    order.
 
     Args:
-        model: a DE3 model.
+        model: a DE3 model; with `backend="onnxruntime"`, a `de3_onnx.OnnxEarlyExitClassifier` or the folder that
+            `export_onnx` wrote.
         dataset: a tokenized `datasets.Dataset` or a sequence of dicts with `input_ids` (and optionally
             `attention_mask`, `token_type_ids`; other columns are ignored).
-        batch_size: samples per `predict_early` call.
+        batch_size: samples per early-exit call.
         sort_by_length: batch texts of similar length together (the order of the results is the input order).
         pad_to_multiple_of: pad each batch's length up to a multiple of this (not beyond the model's positions);
             `None` pads to the longest text only.
-        device: where to run; defaults to the model's device.
-        **predict_kwargs: `policy`, `threshold`, `lam`, `patience` for `predict_early`.
+        device: where to run (PyTorch); defaults to the model's device.
+        backend: `"pytorch"` (`model.predict_early`) or `"onnxruntime"` (the exported graphs, run by `de3_onnx`), so
+            data is scored on the runtime it is served with.
+        **predict_kwargs: `policy`, `threshold`, `lam`, `patience`, as for `predict_early`.
 
     Returns:
         [`DE3EarlyExitOutput`] with `logits` `[N, K]` and `sample_exit_layers` `[N]` on the CPU, and the layer speed-up
@@ -44,7 +48,8 @@ def predict_dataset(
 
     Raises:
         ValueError: for an empty dataset, a `batch_size` or `pad_to_multiple_of` below 1, rows without
-            `input_ids`, or what `predict_early` raises.
+            `input_ids`, an unknown backend, or what `predict_early` (or the ONNX Runtime runner) raises.
+        ImportError: for `backend="onnxruntime"` without `onnxruntime` (install `de3-transformers[onnx]`).
     """
     if batch_size < 1 or (pad_to_multiple_of is not None and pad_to_multiple_of < 1):
         raise ValueError(f"batch_size={batch_size} and pad_to_multiple_of={pad_to_multiple_of} must be >= 1.")
@@ -52,8 +57,7 @@ def predict_dataset(
         raise ValueError("The dataset is empty.")
     if "input_ids" not in dataset[0]:
         raise ValueError(f"Rows need input_ids (tokenized texts); the first row has {sorted(dataset[0])}.")
-    device = torch.device(device) if device is not None else model.device
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    run, pad, max_length, num_layers = _early_exit_backend(model, backend, device, predict_kwargs)
     rows = list(dataset)
     lengths = torch.tensor([torch.as_tensor(row["input_ids"]).numel() for row in rows])
     order = torch.argsort(lengths, descending=True, stable=True) if sort_by_length else torch.arange(len(rows))
@@ -62,14 +66,40 @@ def predict_dataset(
     for chunk in progress(chunks, "Early-exit inference"):
         length = int(lengths[chunk].max())
         if pad_to_multiple_of is not None:
-            length = max(length, min(-(-length // pad_to_multiple_of) * pad_to_multiple_of, model.max_sequence_length))
-        batch = pad_rows([rows[index] for index in chunk.tolist()], pad, length)
-        result = model.predict_early(**{name: tensor.to(device) for name, tensor in batch.items()}, **predict_kwargs)
+            length = max(length, min(-(-length // pad_to_multiple_of) * pad_to_multiple_of, max_length))
+        batch_logits, batch_layers = run(pad_rows([rows[index] for index in chunk.tolist()], pad, length))
         if logits is None:
-            logits = torch.empty(len(rows), result.logits.shape[-1], dtype=result.logits.dtype)
-        logits[chunk], exit_layers[chunk] = result.logits.cpu(), result.sample_exit_layers.cpu()
+            logits = torch.empty(len(rows), batch_logits.shape[-1], dtype=batch_logits.dtype)
+        logits[chunk], exit_layers[chunk] = batch_logits, batch_layers
     return DE3EarlyExitOutput(logits=logits, sample_exit_layers=exit_layers,
-                              speedup=layer_speedup(exit_layers, model.config.num_hidden_layers))
+                              speedup=layer_speedup(exit_layers, num_layers))
+
+
+def _early_exit_backend(model, backend: str, device, predict_kwargs: dict):
+    """`(run, pad_token_id, max_sequence_length, num_hidden_layers)` of a backend; `run` maps a padded batch to CPU
+    `(logits, exit layers)`."""
+    if backend == "pytorch":
+        device = torch.device(device) if device is not None else model.device
+
+        def run(batch):
+            result = model.predict_early(**{name: tensor.to(device) for name, tensor in batch.items()},
+                                         **predict_kwargs)
+            return result.logits.cpu(), result.sample_exit_layers.cpu()
+
+        config = model.config
+        return run, config.pad_token_id or 0, model.max_sequence_length, config.num_hidden_layers
+    if backend == "onnxruntime":
+        from de3_onnx import OnnxEarlyExitClassifier  # an optional dependency: onnxruntime
+
+        runner = model if isinstance(model, OnnxEarlyExitClassifier) else OnnxEarlyExitClassifier(model)
+
+        def run(batch):
+            result = runner.predict(**{name: tensor.numpy() for name, tensor in batch.items()}, **predict_kwargs)
+            return torch.from_numpy(result["logits"]), torch.from_numpy(result["exit_layers"])
+
+        config = runner.config
+        return run, config["pad_token_id"] or 0, config["max_sequence_length"], config["num_hidden_layers"]
+    raise ValueError(f"backend={backend!r} is unknown; choose 'pytorch' or 'onnxruntime'.")
 
 
 __all__ = ["predict_dataset"]

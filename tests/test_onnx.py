@@ -130,3 +130,18 @@ def test_what_the_export_does_not_cover_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="export_onnx"):
         OnnxEarlyExitClassifier(tmp_path / "nothing")
     assert runner.predict(ids, policy="entropy", threshold=0.0)["exit_layers"].tolist() == [4]
+
+
+def test_predict_dataset_scores_on_onnx_runtime_with_one_argument(exported, dev_sentences):
+    from de3_transformers import predict_dataset
+
+    model, tokenizer, folder = exported
+    rows = [tokenizer(text) for text in dev_sentences[:64]]
+    expected = predict_dataset(model, rows, batch_size=16)
+    for source in (folder, OnnxEarlyExitClassifier(folder)):
+        got = predict_dataset(source, rows, batch_size=16, backend="onnxruntime")
+        assert torch.equal(got.sample_exit_layers, expected.sample_exit_layers)
+        torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=0)
+        assert got.speedup == pytest.approx(expected.speedup) and got.speedup > 1
+    with pytest.raises(ValueError, match="backend='tensorrt' is unknown"):
+        predict_dataset(model, rows, backend="tensorrt")
