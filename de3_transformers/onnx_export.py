@@ -21,7 +21,7 @@ from .signals import distance_ratio, max_probability, normalized_energy, normali
 from .token_exit import running_average
 
 
-ONNX_CONFIG_NAME = "de3_onnx.json"
+ONNX_CONFIG_NAME = "de3_onnx.json"  # the name `de3_onnx.runner` reads (that package cannot import this torch module)
 OPSET = 17
 # Additive attention bias of padding tokens: large enough to zero their softmax weight in fp32, small enough to keep
 # sums finite (the value `transformers` uses is finfo.min, which overflows when added twice).
@@ -72,6 +72,19 @@ class _ExitSegment(nn.Module):
             outputs.append(head.scores.float())
         return tuple(outputs)
 
+    @property
+    def input_names(self) -> list[str]:
+        return ["hidden", "attention_mask"] + (["carried"] if self.carries else [])
+
+    @property
+    def output_names(self) -> list[str]:
+        """The names of what `forward` returns, in its order."""
+        if self.top:
+            return ["logits"]
+        return (["hidden_out", "logits", "entropy", "energy", "max_prob"]
+                + (["distance_ratio"] if self.with_ratio else [])
+                + (["scores"] if self.model.config.learning_to_exit else []))
+
 
 def _segments(model) -> list[_ExitSegment]:
     segments, pending = [], []
@@ -81,17 +94,6 @@ def _segments(model) -> list[_ExitSegment]:
             segments.append(_ExitSegment(model, exit_index, pending))
             pending = []
     return segments
-
-
-def _input_names(segment: _ExitSegment) -> list[str]:
-    return ["hidden", "attention_mask"] + (["carried"] if segment.carries else [])
-
-
-def _output_names(segment: _ExitSegment) -> list[str]:
-    if segment.top:
-        return ["logits"]
-    return (["hidden_out", "logits", "entropy", "energy", "max_prob"] + (["distance_ratio"] if segment.with_ratio
-            else []) + (["scores"] if segment.model.config.learning_to_exit else []))
 
 
 def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Path:
@@ -171,18 +173,17 @@ def _export_graphs(model, folder: Path, opset: int) -> None:
     hidden, carried = embeddings(input_ids, token_type_ids), None
     for segment in _segments(model):
         inputs = (hidden, attention_mask) + ((carried,) if segment.carries else ())
-        _export(segment, inputs, folder / f"exit_{segment.exit_index}.onnx", _input_names(segment),
-                _output_names(segment), opset)
+        _export(segment, inputs, folder / f"exit_{segment.exit_index}.onnx", segment.input_names,
+                segment.output_names, opset)
         if not segment.top:
             hidden, carried = segment(*inputs)[:2]
 
 
 def _export(module, inputs, path: Path, input_names, output_names, opset: int) -> None:
-    batch_and_length = {0: "batch", 1: "sequence"}
-    dynamic = {name: batch_and_length for name in input_names}
-    dynamic.update({name: {0: "batch"} for name in input_names if name == "carried"})
-    for name in output_names:
-        dynamic[name] = batch_and_length if name in ("hidden", "hidden_out") else {0: "batch"}
+    # Token-level tensors have a dynamic batch and length; per-sample ones (logits, signals, carried) a dynamic batch.
+    token_level = {"input_ids", "token_type_ids", "attention_mask", "hidden", "hidden_out"}
+    dynamic = {name: {0: "batch", 1: "sequence"} if name in token_level else {0: "batch"}
+               for name in [*input_names, *output_names]}
     # The TorchScript exporter: it keeps the batch and sequence sizes symbolic through these layers as they are. Its
     # deprecation notice and the tracer's note on `F.embedding`'s index check (a constant here) would only alarm.
     with warnings.catch_warnings():
