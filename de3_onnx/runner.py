@@ -18,6 +18,8 @@ from .policies import POLICY_NAMES, Policy
 
 
 ONNX_CONFIG_NAME = "de3_onnx.json"
+_NOT_FINITE = ("The logits of samples {samples} are not finite (NaN or inf): the exported weights hold NaN or inf. "
+               "Check the model with predict_early before exporting it.")
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -57,7 +59,22 @@ class OnnxEarlyExitClassifier:
         self.exits = [ort.InferenceSession(str(folder / f"exit_{index}.onnx"), options, providers=providers)
                       for index in range(len(self.config["exit_layers"]))]
         self.output_names = [[output.name for output in session.get_outputs()] for session in self.exits]
-        self._tokenizer = None
+        self._tokenizer, self._one_text, self._session_args = None, None, (threads, providers)
+
+    @property
+    def one_text(self) -> ort.InferenceSession | None:
+        """The session of the one-text graph (`one_text.onnx`: the whole early-exit forward of one text in one
+        `run`), loaded on the first batch of one; `None` when the export has none."""
+        name = self.config.get("one_text_graph")
+        if self._one_text is None and name:
+            threads, providers = self._session_args
+            # One graph, run back to back: its threads may spin between runs, as in the plain model's session.
+            options = ort.SessionOptions()
+            if threads is not None:
+                options.intra_op_num_threads = threads
+            self._one_text = ort.InferenceSession(str(self.folder / name), options,
+                                                  providers=providers or ["CPUExecutionProvider"])
+        return self._one_text
 
     @property
     def tokenizer(self):
@@ -132,23 +149,17 @@ class OnnxEarlyExitClassifier:
             FloatingPointError: when a sample's answer is not finite.
         """
         rule = self.build_policy(policy, threshold, lam, patience)
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        if input_ids.ndim != 2 or 0 in input_ids.shape or input_ids.shape[1] > self.config["max_sequence_length"]:
-            raise ValueError(f"input_ids of shape {input_ids.shape}: give [batch, length], neither empty, with length "
-                             f"at most {self.config['max_sequence_length']} (truncate longer texts).")
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        types = np.zeros_like(input_ids) if token_type_ids is None else np.asarray(token_type_ids, dtype=np.int64)
+        input_ids, mask, types = self._inputs(input_ids, attention_mask, token_type_ids)
         size, config = input_ids.shape[0], self.config
+        if size == 1 and self.one_text is not None:
+            return self._predict_one(input_ids, mask, types, rule)
         hidden = self.embeddings.run(None, {"input_ids": input_ids, "token_type_ids": types})[0]
         rows = np.arange(size)  # the sample of each running row
         out_logits = np.zeros((size, config["num_labels"]), dtype=np.float32)
         out_layers = np.full(size, config["num_hidden_layers"], dtype=np.int64)
         state, carried, top = rule.start(size), None, len(self.exits) - 1
         for index, (session, layer) in enumerate(zip(self.exits, config["exit_layers"])):
-            feeds = {"hidden": hidden, "attention_mask": mask}
-            if index > 0 and config["exit_memory"] != 1:
-                feeds["carried"] = carried  # MPEE's classifier memory: the graph averages the logits with these
-            outputs = session.run(None, feeds)
+            outputs = session.run(None, self._feeds(index, hidden, mask, carried))
             if index == top:
                 out_logits[rows], out_layers[rows] = outputs[0], layer
                 break
@@ -164,12 +175,88 @@ class OnnxEarlyExitClassifier:
                 state = tuple(part[stay] for part in state)
         not_finite = ~np.isfinite(out_logits.sum(axis=-1))
         if not_finite.any():
-            raise FloatingPointError(
-                f"The logits of samples {np.flatnonzero(not_finite)[:8].tolist()} are not finite (NaN or inf): the "
-                "exported weights hold NaN or inf. Check the model with predict_early before exporting it."
-            )
+            raise FloatingPointError(_NOT_FINITE.format(samples=np.flatnonzero(not_finite)[:8].tolist()))
         return {"logits": out_logits, "exit_layers": out_layers,
                 "speedup": config["num_hidden_layers"] * size / int(out_layers.sum())}
+
+    def exit_outputs(self, input_ids, attention_mask=None, token_type_ids=None) -> dict:
+        """Every exit's logits and exit signals for a tokenized batch, at full depth (what calibration reads), batch-first
+        as the model's forward gives them with `output_exit_signals=True`.
+
+        Returns:
+            `{"exit_logits": [B, E, K], "entropy": [B, E-1], "distance_ratio": [B, E-1] or None (prototypes not set),
+            "exit_scores": [B, E-1] or None (no learning-to-exit heads)}`, float32.
+
+        Raises:
+            ValueError: as [`predict`] for the inputs.
+        """
+        input_ids, mask, types = self._inputs(input_ids, attention_mask, token_type_ids)
+        hidden = self.embeddings.run(None, {"input_ids": input_ids, "token_type_ids": types})[0]
+        logits, signals, carried = [], {"entropy": [], "distance_ratio": [], "scores": []}, None
+        for index, session in enumerate(self.exits):
+            outputs = dict(zip(self.output_names[index], session.run(None, self._feeds(index, hidden, mask, carried))))
+            logits.append(outputs["logits"])
+            if index == len(self.exits) - 1:
+                break
+            hidden, carried = outputs["hidden_out"], outputs["logits"]
+            for name, values in signals.items():
+                values.append(outputs.get(name))
+
+        def stacked(values):
+            if any(value is None for value in values):
+                return None
+            return np.stack(values, axis=1) if values else np.zeros((len(input_ids), 0), dtype=np.float32)
+
+        return {"exit_logits": np.stack(logits, axis=1), "entropy": stacked(signals["entropy"]),
+                "distance_ratio": stacked(signals["distance_ratio"]), "exit_scores": stacked(signals["scores"])}
+
+    def save_policy(self, policy: str, threshold: float | None = None, lam: float | None = None,
+                    patience: int | None = None) -> None:
+        """Makes `policy` and its parameters (those given) the defaults of this runner and of its folder's settings, as
+        calibration does for a model's config.
+
+        Raises:
+            ValueError: as [`build_policy`].
+        """
+        updates = {"early_exit_policy": policy, "early_exit_threshold": threshold, "early_exit_lambda": lam,
+                   "early_exit_patience": patience}
+        settings = {**self.config, **{key: value for key, value in updates.items() if value is not None}}
+        previous, self.config = self.config, settings
+        try:
+            self.build_policy()
+        except ValueError:
+            self.config = previous
+            raise
+        (self.folder / ONNX_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+
+    def _inputs(self, input_ids, attention_mask, token_type_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or 0 in input_ids.shape or input_ids.shape[1] > self.config["max_sequence_length"]:
+            raise ValueError(f"input_ids of shape {input_ids.shape}: give [batch, length], neither empty, with length "
+                             f"at most {self.config['max_sequence_length']} (truncate longer texts).")
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        types = np.zeros_like(input_ids) if token_type_ids is None else np.asarray(token_type_ids, dtype=np.int64)
+        return input_ids, mask, types
+
+    def _feeds(self, index: int, hidden: np.ndarray, mask: np.ndarray, carried: np.ndarray | None) -> dict:
+        feeds = {"hidden": hidden, "attention_mask": mask}
+        if index > 0 and self.config["exit_memory"] != 1:
+            feeds["carried"] = carried  # MPEE's classifier memory: the graph averages the logits with these
+        return feeds
+
+    def _predict_one(self, input_ids, mask, types, rule: Policy) -> dict:
+        signal, sign, counter = self.config["rule_policies"][rule.name]
+        feeds = {"input_ids": input_ids, "token_type_ids": types, "attention_mask": mask,
+                 "signal": np.array(signal, dtype=np.int64), "counter": np.array(counter, dtype=np.int64),
+                 "threshold": np.array(sign * np.float32(rule.threshold), dtype=np.float32),
+                 "lam": np.array(rule.lam, dtype=np.float32),
+                 # float32(lam + 1) rounded once from float64, as the host's rule (policies.hybrid_indicator) has it
+                 "lam_plus_one": np.array(rule.lam + 1.0, dtype=np.float32),
+                 "patience": np.array(rule.patience, dtype=np.int64)}
+        logits, layers = self.one_text.run(None, feeds)
+        if not np.isfinite(logits).all():
+            raise FloatingPointError(_NOT_FINITE.format(samples=[0]))
+        return {"logits": logits, "exit_layers": layers, "speedup": self.config["num_hidden_layers"] / int(layers[0])}
 
     def __call__(self, texts, text_pairs=None, batch_size: int = 32, max_length: int | None = None, **exit_options):
         """Classifies texts (or text pairs) with early exit, in batches of texts of similar length; results in input

@@ -67,9 +67,9 @@ def collate_labelled(rows: list[dict], pad_token_id: int, label_key: str) -> dic
     return batch
 
 
-def labelled_batches(model, dataset, batch_size: int) -> DataLoader:
-    """Labelled batches of `dataset` for `model`, in dataset order, right-padded with the model's `pad_token_id` and
-    with labels checked to be the model's class ids.
+def labelled_batches(config, dataset, batch_size: int) -> DataLoader:
+    """Labelled batches of `dataset` for a model of `config`, in dataset order, right-padded with its `pad_token_id`
+    and with labels checked to be its class ids.
 
     Raises:
         ValueError: for a `batch_size` below 1, an empty dataset or one without labels.
@@ -79,9 +79,9 @@ def labelled_batches(model, dataset, batch_size: int) -> DataLoader:
     if len(dataset) == 0:
         raise ValueError("The dataset is empty; calibration needs labelled examples (a validation split).")
     label_key = label_column(dataset[0])
-    pad = model.config.pad_token_id
+    pad = config.pad_token_id
     pad = 0 if pad is None else pad  # the attention mask hides padding anyway; only RoBERTa's positions need the id
-    num_labels = model.config.num_labels
+    num_labels = config.num_labels
 
     def collate(rows):
         batch = collate_labelled(rows, pad, label_key)

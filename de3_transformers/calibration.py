@@ -19,6 +19,7 @@ from .configuration_de3 import check_exit_parameters
 # `evaluate_early_exit` is re-exported: it measures for real what calibration chose.
 from .evaluation import ExitSignals, MetricFn, collect_exit_signals, evaluate_early_exit
 from .exit_policies import EXIT_POLICIES, ExitPolicy, get_exit_policy
+from .onnx_backend import check_backend, onnx_config, onnx_runner
 from .simulation import layer_speedup, simulate_first_exits
 
 
@@ -249,6 +250,7 @@ def calibrate(
     policy: "str | ExitPolicy" = "de3",
     patience: int | None = None,
     patience_grid: Sequence[int] | None = None,
+    backend: str = "pytorch",
 ) -> CalibrationResult:
     """Picks the exit threshold (and optionally lambda or patience) that reaches a target layer speed-up on labelled
     data, for any exit policy (default DE3).
@@ -262,7 +264,8 @@ def calibrate(
     Calibrate on held-out data and report on data the calibration did not see (docs/method.md section 6).
 
     Args:
-        model: a DE3 model.
+        model: a DE3 model; with `backend="onnxruntime"`, a `de3_onnx.OnnxEarlyExitClassifier` or the folder
+            `export_onnx` wrote.
         eval_dataset: labelled, tokenized data (see [`collect_exit_signals`]); may be `None` when `signals` is given.
         target_speedup: the layer speed-up to reach, >= 1.
         lam: EDR's lambda; defaults to `model.config.early_exit_lambda`. Exclusive with `lam_grid`.
@@ -271,10 +274,12 @@ def calibrate(
         batch_size: samples per forward while collecting signals.
         save: write the chosen policy and its parameters into `model.config` (`early_exit_policy`,
             `early_exit_threshold`, `early_exit_lambda`, `early_exit_patience`), so that `predict_early()` and
-            `save_pretrained` use them.
+            `save_pretrained` use them; with `backend="onnxruntime"`, into the runner and its folder's settings.
         signals: signals already collected from this model on `eval_dataset`, to reuse one pass for several targets.
         policy: a name of `EXIT_POLICIES` (not `"oracle"`) or an `ExitPolicy` object.
         patience, patience_grid: the patience of `patient_confident` (default `config.early_exit_patience`).
+        backend: `"pytorch"` or `"onnxruntime"`: collect the signals on the exported graphs, so the threshold is
+            calibrated on the runtime that serves it.
 
     Returns:
         [`CalibrationResult`].
@@ -284,18 +289,24 @@ def calibrate(
             empty dataset or one without labels; both `lam` and `lam_grid` (or both patience arguments), an empty
             grid, a value out of range or one the policy does not have; the oracle; a target the policy cannot reach
             (`patience` p never leaves before exit p); signals the policy cannot read
-            (`lam > 0` on a model whose prototypes are not initialised); signals from a model with other exits.
+            (`lam > 0` on a model whose prototypes are not initialised); signals from a model with other exits; an
+            unknown backend.
+        ImportError, FileNotFoundError: for `backend="onnxruntime"`, as `onnx_runner` and `onnx_config`.
         RuntimeError: when the policy reads the distance ratio and initialised prototypes are not finite or zero.
     """
-    config = model.config
+    check_backend(backend)
+    runner = onnx_runner(model) if backend == "onnxruntime" else None
+    config = model.config if runner is None else onnx_config(runner)
     grid = _policy_grid(config, policy, lam, lam_grid, patience, patience_grid)
     if signals is None:
         if eval_dataset is None:
             raise ValueError("Give eval_dataset (labelled, tokenized) or signals from collect_exit_signals.")
-        memory = model.prototype_memory
-        if any(base.needs_distance_ratio for _, base in grid) and memory.all_initialized:
-            memory.require_usable()  # initialised, but NaN, inf or zero prototypes would calibrate on garbage
-        signals = collect_exit_signals(model, eval_dataset, batch_size=batch_size)
+        if runner is None and any(base.needs_distance_ratio for _, base in grid):
+            memory = model.prototype_memory
+            if memory.all_initialized:  # initialised, but NaN, inf or zero prototypes would calibrate on garbage
+                memory.require_usable()  # (an export checked its prototypes when it was written)
+        signals = collect_exit_signals(model if runner is None else runner, eval_dataset, batch_size=batch_size,
+                                       backend=backend)
     elif list(signals.exit_layers) != list(config.exit_layers) or signals.num_layers != config.num_hidden_layers:
         raise ValueError(
             f"The signals come from a model with exit_layers={signals.exit_layers} of {signals.num_layers} layers, "
@@ -341,6 +352,10 @@ def calibrate(
             config.early_exit_lambda = best.lam
         if "patience" in best.parameters:
             config.early_exit_patience = int(best.parameters["patience"])
+        if runner is not None:
+            runner.save_policy(config.early_exit_policy, config.early_exit_threshold, config.early_exit_lambda,
+                               config.early_exit_patience)
+            config.save_pretrained(runner.folder)
     return CalibrationResult(
         threshold=best.threshold,
         lam=best.lam,

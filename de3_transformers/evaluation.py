@@ -1,6 +1,7 @@
 """One full-depth pass over labelled data, kept as [`ExitSignals`] for calibration and analysis, and the measurement
 of early exit for real with `predict_early` (docs/method.md section 6)."""
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from .batching import labelled_batches, progress
 from .exit_policies import ExitPolicy, build_exit_policy
 from .flops import FlopsCounter
 from .modes import eval_mode
+from .onnx_backend import check_backend, onnx_config, onnx_runner
 from .simulation import exit_views, layer_speedup
 
 
@@ -67,16 +69,19 @@ class ExitSignals:
             )
 
 
-def collect_exit_signals(model, dataset, batch_size: int = 64, device=None) -> ExitSignals:
+def collect_exit_signals(model, dataset, batch_size: int = 64, device=None, backend: str = "pytorch") -> ExitSignals:
     """Runs the full model once over a labelled dataset and keeps every exit's logits and exit signals.
 
     Args:
-        model: a DE3 model (`DE3BertForSequenceClassification`, `DE3RobertaForSequenceClassification`).
+        model: a DE3 model (`DE3BertForSequenceClassification`, `DE3RobertaForSequenceClassification`); with
+            `backend="onnxruntime"`, a `de3_onnx.OnnxEarlyExitClassifier` or the folder `export_onnx` wrote.
         dataset: a tokenized `datasets.Dataset`, or any sequence of dicts, with `input_ids`, optionally
             `attention_mask` and `token_type_ids`, and a `label` or `labels` column of class ids. It is read in
             order, in batches right-padded with `model.config.pad_token_id`.
         batch_size: samples per forward.
-        device: where to run; defaults to the model's device. The model is moved back afterwards.
+        device: where to run (PyTorch); defaults to the model's device. The model is moved back afterwards.
+        backend: `"pytorch"` or `"onnxruntime"` (the exported graphs), so calibration reads the signals of the
+            runtime that serves the model.
 
     Returns:
         [`ExitSignals`] on CPU, samples in dataset order. The model's train/eval mode is restored; its prototypes
@@ -84,32 +89,49 @@ def collect_exit_signals(model, dataset, batch_size: int = 64, device=None) -> E
 
     Raises:
         ValueError: for an empty dataset, one without labels, labels that are not class ids in `[0, num_labels)`,
-            or a `batch_size` below 1.
+            a `batch_size` below 1, or an unknown backend.
+        ImportError, FileNotFoundError: for `backend="onnxruntime"`, as [`onnx_runner`] and [`onnx_config`].
     """
-    loader = labelled_batches(model, dataset, batch_size)
-    logits, entropy, ratio, scores, labels, lengths = [], [], [], [], [], []
-    run_device = torch.device(device) if device is not None else model.device
-    with eval_mode(model, device), torch.inference_mode():
-        for batch in progress(loader, "Collecting exit signals"):
+    check_backend(backend)
+    if backend == "onnxruntime":
+        runner = onnx_runner(model)
+        config, context = onnx_config(runner), contextlib.nullcontext()
+
+        def forward(batch) -> dict:
+            outputs = runner.exit_outputs(**{name: tensor.numpy() for name, tensor in batch.items()})
+            return {name: None if value is None else torch.from_numpy(value) for name, value in outputs.items()}
+    else:
+        run_device = torch.device(device) if device is not None else model.device
+        config, context = model.config, eval_mode(model, device)
+
+        def forward(batch) -> dict:
+            output = model(**{name: tensor.to(run_device) for name, tensor in batch.items()}, output_exit_signals=True)
+            return {"exit_logits": output.exit_logits.float().cpu(), "entropy": output.entropy.cpu(),
+                    "distance_ratio": None if output.distance_ratio is None else output.distance_ratio.cpu(),
+                    "exit_scores": None if output.exit_scores is None else output.exit_scores.cpu()}
+
+    labels, lengths, outputs = [], [], []
+    with context, torch.inference_mode():
+        for batch in progress(labelled_batches(config, dataset, batch_size), "Collecting exit signals"):
             labels.append(batch.pop("labels"))
             lengths.append(batch["attention_mask"].sum(dim=-1))
-            output = model(**{name: tensor.to(run_device) for name, tensor in batch.items()},
-                           output_exit_signals=True)
-            logits.append(output.exit_logits.float().cpu())
-            entropy.append(output.entropy.cpu())
-            ratio.append(None if output.distance_ratio is None else output.distance_ratio.cpu())
-            scores.append(None if output.exit_scores is None else output.exit_scores.cpu())
-    return ExitSignals(
-        exit_logits=torch.cat(logits),
-        entropy=torch.cat(entropy),
+            outputs.append(forward(batch))
+
+    def joined(name: str) -> torch.Tensor | None:
         # Prototypes do not change in eval mode, so the ratio is either there for every batch or for none.
-        distance_ratio=None if any(part is None for part in ratio) else torch.cat(ratio),
+        parts = [output[name] for output in outputs]
+        return None if any(part is None for part in parts) else torch.cat(parts)
+
+    return ExitSignals(
+        exit_logits=joined("exit_logits"),
+        entropy=joined("entropy"),
+        distance_ratio=joined("distance_ratio"),
         labels=torch.cat(labels),
-        exit_layers=list(model.config.exit_layers),
-        num_layers=model.config.num_hidden_layers,
-        exit_scores=None if any(part is None for part in scores) else torch.cat(scores),
+        exit_layers=list(config.exit_layers),
+        num_layers=config.num_hidden_layers,
+        exit_scores=joined("exit_scores"),
         lengths=torch.cat(lengths),
-        flops=FlopsCounter.from_config(model.config),
+        flops=FlopsCounter.from_config(config),
     )
 
 
@@ -141,7 +163,7 @@ def evaluate_early_exit(
         ValueError: as [`collect_exit_signals`] and `predict_early`.
         RuntimeError: when the policy reads the distance ratio and some prototype was never initialised.
     """
-    loader = labelled_batches(model, dataset, batch_size)
+    loader = labelled_batches(model.config, dataset, batch_size)
     exit_policy = build_exit_policy(model.config, policy, threshold=threshold, lam=lam, patience=patience)
     predictions, layers, labels, lengths = [], [], [], []
     run_device = torch.device(device) if device is not None else model.device

@@ -12,6 +12,7 @@ import torch
 
 from .batching import pad_rows, progress
 from .modeling_outputs import DE3EarlyExitOutput
+from .onnx_backend import check_backend, onnx_runner
 from .simulation import layer_speedup
 
 
@@ -78,28 +79,24 @@ def predict_dataset(
 def _early_exit_backend(model, backend: str, device, predict_kwargs: dict):
     """`(run, pad_token_id, max_sequence_length, num_hidden_layers)` of a backend; `run` maps a padded batch to CPU
     `(logits, exit layers)`."""
-    if backend == "pytorch":
-        device = torch.device(device) if device is not None else model.device
-
-        def run(batch):
-            result = model.predict_early(**{name: tensor.to(device) for name, tensor in batch.items()},
-                                         **predict_kwargs)
-            return result.logits.cpu(), result.sample_exit_layers.cpu()
-
-        config = model.config
-        return run, config.pad_token_id or 0, model.max_sequence_length, config.num_hidden_layers
+    check_backend(backend)
     if backend == "onnxruntime":
-        from de3_onnx import OnnxEarlyExitClassifier  # an optional dependency: onnxruntime
+        runner = onnx_runner(model)
 
-        runner = model if isinstance(model, OnnxEarlyExitClassifier) else OnnxEarlyExitClassifier(model)
-
-        def run(batch):
+        def run_onnx(batch):
             result = runner.predict(**{name: tensor.numpy() for name, tensor in batch.items()}, **predict_kwargs)
             return torch.from_numpy(result["logits"]), torch.from_numpy(result["exit_layers"])
 
         config = runner.config
-        return run, config["pad_token_id"] or 0, config["max_sequence_length"], config["num_hidden_layers"]
-    raise ValueError(f"backend={backend!r} is unknown; choose 'pytorch' or 'onnxruntime'.")
+        return run_onnx, config["pad_token_id"] or 0, config["max_sequence_length"], config["num_hidden_layers"]
+    device = torch.device(device) if device is not None else model.device
+
+    def run(batch):
+        result = model.predict_early(**{name: tensor.to(device) for name, tensor in batch.items()}, **predict_kwargs)
+        return result.logits.cpu(), result.sample_exit_layers.cpu()
+
+    config = model.config
+    return run, config.pad_token_id or 0, model.max_sequence_length, config.num_hidden_layers
 
 
 __all__ = ["predict_dataset"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .early_exit import encoder_steps
+from .onnx_one_text import ONE_TEXT_GRAPH, RULE_POLICIES, write_one_text_graph
 from .signals import distance_ratio, max_probability, normalized_energy, normalized_entropy
 from .token_exit import running_average
 
@@ -96,10 +97,11 @@ def _segments(model) -> list[_ExitSegment]:
     return segments
 
 
-def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Path:
+def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_text_graph: bool = True) -> Path:
     """Writes what serving `model` with early exit on ONNX Runtime needs, without torch: the graphs
     (`embeddings.onnx`, `exit_<i>.onnx`; the prototypes are constants of the exit graphs, which compute the distance
-    ratio), `de3_onnx.json` (exit layers, exit policy and its calibrated parameters, label names), and the
+    ratio), `one_text.onnx` (the whole early-exit forward of one text, see `onnx_one_text`), `de3_onnx.json` (exit
+    layers, exit policy and its calibrated parameters, label names), `config.json` (the model's config), and the
     tokenizer's files when `tokenizer` is given. Batch size and sequence length are dynamic. Load it with
     `de3_onnx.OnnxEarlyExitClassifier(save_directory)`.
 
@@ -108,6 +110,8 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Pa
         save_directory: the folder to write (created).
         tokenizer: the model's tokenizer, saved beside the graphs for classifying texts.
         opset: the ONNX opset.
+        one_text_graph: also write `one_text.onnx`, which serves batches of one text in one `run` (faster there, but
+            it holds a second copy of the weights on disk and, once a batch of one is served, in memory).
 
     Returns:
         The folder.
@@ -134,7 +138,10 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Pa
     model.set_attn_implementation("eager")
     model.to("cpu").eval()
     try:
-        _export_graphs(model, folder, opset)
+        segments = _export_graphs(model, folder, opset)
+        if one_text_graph:
+            write_one_text_graph(folder, list(config.exit_layers), [segment.carries for segment in segments],
+                                 [segment.output_names for segment in segments[:-1]], opset)
     finally:
         model.set_attn_implementation(attention)
         model.to(device).train(training)
@@ -153,15 +160,18 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET) -> Pa
         "early_exit_patience": config.early_exit_patience,
         "pad_token_id": config.pad_token_id,
         "max_sequence_length": model.max_sequence_length,
+        "one_text_graph": ONE_TEXT_GRAPH if one_text_graph else None,
+        "rule_policies": {name: list(reading) for name, reading in RULE_POLICIES.items()},
     }
     (folder / ONNX_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    config.save_pretrained(folder)  # for the torch side: calibration on the exported graphs reads it
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
 
 
 @torch.no_grad()
-def _export_graphs(model, folder: Path, opset: int) -> None:
+def _export_graphs(model, folder: Path, opset: int) -> list[_ExitSegment]:
     # Two rows of different lengths, so that the traced graph keeps batch and length symbolic.
     input_ids = torch.full((2, 8), model.config.pad_token_id or 0, dtype=torch.long)
     input_ids[:, 0], input_ids[0, 1:7], input_ids[1, 1:4] = 1, 5, 6
@@ -170,13 +180,14 @@ def _export_graphs(model, folder: Path, opset: int) -> None:
     embeddings = _Embeddings(model)
     _export(embeddings, (input_ids, token_type_ids), folder / "embeddings.onnx", ["input_ids", "token_type_ids"],
             ["hidden"], opset)
-    hidden, carried = embeddings(input_ids, token_type_ids), None
-    for segment in _segments(model):
+    hidden, carried, segments = embeddings(input_ids, token_type_ids), None, _segments(model)
+    for segment in segments:
         inputs = (hidden, attention_mask) + ((carried,) if segment.carries else ())
         _export(segment, inputs, folder / f"exit_{segment.exit_index}.onnx", segment.input_names,
                 segment.output_names, opset)
         if not segment.top:
             hidden, carried = segment(*inputs)[:2]
+    return segments
 
 
 def _export(module, inputs, path: Path, input_names, output_names, opset: int) -> None:

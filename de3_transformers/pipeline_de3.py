@@ -41,18 +41,46 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
     - `full_depth=True`: run every layer (the model's last exit), as a plain classifier would;
     - `return_exit_layer=True`: each result also gets `"exit_layer"`, the encoder layer (1..M) the text left at.
 
+    When built, `backend="onnxruntime"` runs the model on ONNX Runtime (the `de3_onnx` runner; needs the package with
+    its `onnx` extra): on `onnx_model` (a folder `export_onnx` wrote, or a runner) when given, otherwise on an export of
+    the pipeline's model into a temporary folder, written once when the pipeline is built.
+
+    Raises (when built):
+        ValueError: for an unknown backend, or `backend="onnxruntime"` for a model that is not a DE3 model.
+
     Raises (when called):
         ValueError: as `predict_early`, for an unknown policy or a parameter out of range; for inputs longer than
             the model's position embeddings (pass `truncation=True`).
         TypeError: when `full_depth` or `return_exit_layer` is not a bool.
     """
 
-    def __new__(cls, *args, model=None, **kwargs):
+    def __new__(cls, *args, model=None, backend: str = "pytorch", onnx_model=None, **kwargs):
         # Registered for the whole task: any other model gets the stock pipeline itself (not an instance of this
         # class, so Python does not run this class's __init__ on it).
         if model is not None and not is_early_exit_model(model):
+            if backend != "pytorch" or onnx_model is not None:
+                raise ValueError(f"backend={backend!r} and onnx_model serve DE3 models; {type(model).__name__} is not "
+                                 "one (export a plain model with optimum instead).")
             return TextClassificationPipeline(*args, model=model, **kwargs)
         return super().__new__(cls)
+
+    def __init__(self, *args, backend: str = "pytorch", onnx_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if backend not in ("pytorch", "onnxruntime"):
+            raise ValueError(f"backend={backend!r} is unknown; choose 'pytorch' or 'onnxruntime'.")
+        self.runner, self._export_folder = None, None
+        if backend == "onnxruntime":
+            # Imported here: this file travels with checkpoints, and only this backend needs the package.
+            from de3_transformers.onnx_backend import onnx_runner
+
+            if onnx_model is None:
+                import tempfile
+
+                from de3_transformers import export_onnx
+
+                self._export_folder = tempfile.TemporaryDirectory(prefix="de3_onnx_")  # removed with the pipeline
+                onnx_model = export_onnx(self.model, self._export_folder.name, tokenizer=self.tokenizer)
+            self.runner = onnx_runner(onnx_model)
 
     def check_model_type(self, supported_models) -> None:
         # The stock check lists the built-in models by name only, so it would log an error for every DE3 model.
@@ -83,6 +111,14 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
         return preprocess, forward, postprocess
 
     def _forward(self, model_inputs, full_depth: bool = False, **exit_parameters) -> dict[str, torch.Tensor]:
+        if self.runner is not None:
+            arrays = {name: tensor.cpu().numpy() for name, tensor in model_inputs.items()}
+            if full_depth:
+                logits = self.runner.exit_outputs(**arrays)["exit_logits"][:, -1]
+                layers = torch.full(logits.shape[:1], self.model.config.num_hidden_layers)
+                return {"logits": torch.from_numpy(logits), "exit_layer": layers}
+            result = self.runner.predict(**arrays, **exit_parameters)
+            return {"logits": torch.from_numpy(result["logits"]), "exit_layer": torch.from_numpy(result["exit_layers"])}
         if full_depth:
             logits = self.model(**model_inputs).logits
             layers = torch.full(logits.shape[:1], self.model.config.num_hidden_layers, device=logits.device)

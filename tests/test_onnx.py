@@ -145,3 +145,105 @@ def test_predict_dataset_scores_on_onnx_runtime_with_one_argument(exported, dev_
         assert got.speedup == pytest.approx(expected.speedup) and got.speedup > 1
     with pytest.raises(ValueError, match="backend='tensorrt' is unknown"):
         predict_dataset(model, rows, backend="tensorrt")
+
+
+@pytest.mark.parametrize("learning_to_exit", [False, True])
+def test_one_text_graph_leaves_where_the_chain_and_predict_early_do(learning_to_exit, tmp_path):
+    """Batches of one run `one_text.onnx`, whose rule is in the graph: every policy, its parameters given per call,
+    leaves each text where the chain of exit graphs (an export without the one-text graph) and `predict_early` do."""
+    model = train_prototypes(tiny_model(exit_memory=0.9, learning_to_exit=learning_to_exit)).eval()
+    runner = OnnxEarlyExitClassifier(export_onnx(model, tmp_path / "with"))
+    chain = OnnxEarlyExitClassifier(export_onnx(model, tmp_path / "without", one_text_graph=False))
+    assert (tmp_path / "with" / "one_text.onnx").is_file() and not (tmp_path / "without" / "one_text.onnx").exists()
+    input_ids, attention_mask = mixed_length_batch(batch_size=12, pad_token_id=model.config.pad_token_id)
+    settings = [("de3", {"threshold": 0.5}), ("de3", {"threshold": 0.5, "lam": 0.0}), ("de3", {"threshold": 0.4,
+                "lam": 3.0}), ("entropy", {"threshold": 0.99}), ("max_prob", {"threshold": 0.4}),
+                ("energy", {"threshold": 0.3}), ("patience", {"patience": 1}),
+                ("patient_confident", {"threshold": 0.995, "patience": 1})]
+    settings += [("learned", {"threshold": 0.5})] if learning_to_exit else []
+    layers_seen = set()
+    for policy, parameters in settings:
+        expected = model.predict_early(input_ids, attention_mask, policy=policy, **parameters)
+        for row in range(len(input_ids)):
+            length = int(attention_mask[row].sum())
+            text = input_ids[row : row + 1, :length].numpy()
+            got, chained = runner.predict(text, policy=policy, **parameters), chain.predict(text, policy=policy,
+                                                                                            **parameters)
+            assert got["exit_layers"].tolist() == chained["exit_layers"].tolist() == [
+                int(expected.sample_exit_layers[row])], (policy, parameters, row)
+            np.testing.assert_allclose(got["logits"][0], expected.logits[row].numpy(), atol=1e-5, rtol=0)
+            layers_seen.add(int(got["exit_layers"][0]))
+    assert layers_seen == set(model.config.exit_layers)  # texts leave at every exit under some policy
+
+
+def test_one_text_graph_never_leaves_on_nan_and_refuses_a_nan_answer(tmp_path):
+    model = train_prototypes(tiny_model()).eval()
+    with torch.no_grad():
+        model.exit_classifiers[0].bias.fill_(float("nan"))
+    runner = OnnxEarlyExitClassifier(export_onnx(model, tmp_path / "first"))
+    text = np.array([[1, 5, 6, 7, 2]])
+    for policy in ("de3", "entropy", "energy", "max_prob"):  # every text would leave at the first exit otherwise
+        assert runner.predict(text, policy=policy, threshold=-1.0 if policy == "max_prob" else 2.0,
+                              lam=0.0)["exit_layers"].tolist() == [model.config.exit_layers[1]]
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))  # the last exit's head
+    runner = OnnxEarlyExitClassifier(export_onnx(model, tmp_path / "top"))
+    for batch in (text, np.repeat(text, 2, axis=0)):  # the one-text graph and the chain
+        with pytest.raises(FloatingPointError, match="not finite"):
+            runner.predict(batch, policy="entropy", threshold=0.0)
+
+
+def test_calibration_on_onnx_runtime_reads_the_graphs_signals_and_saves_into_the_folder(exported, glue_dir,
+                                                                                         tmp_path):
+    import shutil
+
+    model, tokenizer, folder = exported
+    folder = shutil.copytree(folder, tmp_path / "export")  # calibration writes into it
+    rows = load_glue_task("sst2", glue_dir)["train"].select(range(400, 528))
+    rows = [dict(tokenizer(row["sentence"]), label=row["label"]) for row in rows]
+    on_torch = collect_exit_signals(model, rows, batch_size=32)
+    on_onnx = collect_exit_signals(folder, rows, batch_size=32, backend="onnxruntime")
+    for name in ("exit_logits", "entropy", "distance_ratio"):
+        torch.testing.assert_close(getattr(on_onnx, name), getattr(on_torch, name), atol=1e-4, rtol=0)
+    assert torch.equal(on_onnx.labels, on_torch.labels) and on_onnx.exit_layers == on_torch.exit_layers
+    expected = calibrate(model, None, target_speedup=2.0, signals=on_torch, save=False)
+    runner = OnnxEarlyExitClassifier(folder)
+    result = calibrate(runner, rows, target_speedup=2.0, backend="onnxruntime", batch_size=32)
+    assert result.threshold == pytest.approx(expected.threshold, abs=1e-5) and result.speedup >= 2.0
+    assert runner.config["early_exit_threshold"] == result.threshold
+    reloaded = OnnxEarlyExitClassifier(folder)  # the folder's settings were updated
+    assert reloaded.config["early_exit_threshold"] == result.threshold
+    assert json.loads((folder / "config.json").read_text())["early_exit_threshold"] == result.threshold
+    scored = [reloaded.predict(np.array([row["input_ids"]]))["exit_layers"][0] for row in rows]
+    assert model.config.num_hidden_layers * len(rows) / sum(scored) == pytest.approx(result.speedup)
+    with pytest.raises(ValueError, match="unknown"):
+        calibrate(folder, rows, backend="tensorrt")
+
+
+def test_the_pipeline_runs_on_onnx_runtime_with_one_argument(exported, dev_sentences):
+    from transformers import pipeline
+
+    model, tokenizer, folder = exported
+    on_torch = pipeline("text-classification", model=model, tokenizer=tokenizer)
+    expected = on_torch(dev_sentences[:24], return_exit_layer=True, batch_size=8)
+    exported_here = pipeline("text-classification", model=model, tokenizer=tokenizer, backend="onnxruntime")
+    given = pipeline("text-classification", model=model, tokenizer=tokenizer, backend="onnxruntime",
+                     onnx_model=folder)
+    for onnx_pipeline in (exported_here, given):
+        for batch_size in (1, 8):
+            results = onnx_pipeline(dev_sentences[:24], return_exit_layer=True, batch_size=batch_size)
+            assert [(r["label"], r["exit_layer"]) for r in results] == [(r["label"], r["exit_layer"])
+                                                                        for r in expected]
+            assert [r["score"] for r in results] == pytest.approx([r["score"] for r in expected], abs=1e-4)
+    full = given(dev_sentences[:2], full_depth=True, return_exit_layer=True)
+    assert [r["exit_layer"] for r in full] == [model.config.num_hidden_layers] * 2
+    assert [r["score"] for r in full] == pytest.approx([r["score"] for r in on_torch(dev_sentences[:2],
+                                                                                    full_depth=True)], abs=1e-4)
+    with pytest.raises(ValueError, match="unknown"):
+        pipeline("text-classification", model=model, tokenizer=tokenizer, backend="tensorrt")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    plain = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=37, vocab_size=tokenizer.vocab_size))
+    with pytest.raises(ValueError, match="serve DE3 models"):
+        pipeline("text-classification", model=plain, tokenizer=tokenizer, backend="onnxruntime")
