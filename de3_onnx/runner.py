@@ -6,6 +6,11 @@ The loop is the one of `predict_early` (docs/method.md section 6): run the embed
 the layers up to that exit, its head and its exit signals; the policy decides on the host which rows leave, and the
 rows that stay are copied into a smaller batch for the next graph. The loop stops when no row is left: no graph
 ever runs on an empty batch, which ONNX Runtime's reshapes reject.
+
+What a graph passes to the next is per row and named by the graphs: an output `<name>_out` is the next graph's input
+`<name>` (the hidden states and, under MPEE's token exit, the token mask and token importance of the pruned
+sequence), and the logits are the next graph's `carried` ones (MPEE's classifier memory). The runner feeds each graph
+the inputs it names and compacts all of them alike.
 """
 
 import json
@@ -56,7 +61,8 @@ class OnnxEarlyExitClassifier:
         self.embeddings = ort.InferenceSession(str(folder / "embeddings.onnx"), options, providers=providers)
         self.exits = [ort.InferenceSession(str(folder / f"exit_{index}.onnx"), options, providers=providers)
                       for index in range(len(self.config["exit_layers"]))]
-        self.output_names = [[output.name for output in session.get_outputs()] for session in self.exits]
+        self.input_names = [[tensor.name for tensor in session.get_inputs()] for session in self.exits]
+        self.output_names = [[tensor.name for tensor in session.get_outputs()] for session in self.exits]
         self._tokenizer = None
 
     @property
@@ -141,27 +147,27 @@ class OnnxEarlyExitClassifier:
         size, config = input_ids.shape[0], self.config
         hidden = self.embeddings.run(None, {"input_ids": input_ids, "token_type_ids": types})[0]
         rows = np.arange(size)  # the sample of each running row
+        running = {"hidden": hidden, "attention_mask": mask}  # what the next graph reads, one row per running row
         out_logits = np.zeros((size, config["num_labels"]), dtype=np.float32)
         out_layers = np.full(size, config["num_hidden_layers"], dtype=np.int64)
-        state, carried, top = rule.start(size), None, len(self.exits) - 1
+        state, top = rule.start(size), len(self.exits) - 1
         for index, (session, layer) in enumerate(zip(self.exits, config["exit_layers"])):
-            feeds = {"hidden": hidden, "attention_mask": mask}
-            if index > 0 and config["exit_memory"] != 1:
-                feeds["carried"] = carried  # MPEE's classifier memory: the graph averages the logits with these
-            outputs = session.run(None, feeds)
+            outputs = session.run(None, {name: running[name] for name in self.input_names[index]})
             if index == top:
                 out_logits[rows], out_layers[rows] = outputs[0], layer
                 break
             signals = dict(zip(self.output_names[index], outputs))
-            hidden, carried = signals.pop("hidden_out"), signals["logits"]
+            for name in [name for name in signals if name.endswith("_out")]:
+                running[name.removesuffix("_out")] = signals.pop(name)
+            running["carried"] = logits = signals["logits"]
             leave, state = rule.leave(signals, state)
             if leave.any():
-                out_logits[rows[leave]], out_layers[rows[leave]] = carried[leave], layer
+                out_logits[rows[leave]], out_layers[rows[leave]] = logits[leave], layer
                 stay = ~leave
                 if not stay.any():
                     break
-                rows, hidden, mask, carried = rows[stay], hidden[stay], mask[stay], carried[stay]
-                state = tuple(part[stay] for part in state)
+                rows, state = rows[stay], tuple(part[stay] for part in state)
+                running = {name: value[stay] for name, value in running.items()}
         not_finite = ~np.isfinite(out_logits.sum(axis=-1))
         if not_finite.any():
             raise FloatingPointError(
