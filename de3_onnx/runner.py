@@ -6,6 +6,11 @@ The loop is the one of `predict_early` (docs/method.md section 6): run the embed
 the layers up to that exit, its head and its exit signals; the policy decides on the host which rows leave, and the
 rows that stay are copied into a smaller batch for the next graph. The loop stops when no row is left: no graph
 ever runs on an empty batch, which ONNX Runtime's reshapes reject.
+
+What a graph passes to the next is per row and named by the graphs: an output `<name>_out` is the next graph's input
+`<name>` (the hidden states and, under MPEE's token exit, the token mask and token importance of the pruned
+sequence), and the logits are the next graph's `carried` ones (MPEE's classifier memory). The runner feeds each graph
+the inputs it names and compacts all of them alike.
 """
 
 import json
@@ -58,7 +63,8 @@ class OnnxEarlyExitClassifier:
         self.embeddings = ort.InferenceSession(str(folder / "embeddings.onnx"), options, providers=providers)
         self.exits = [ort.InferenceSession(str(folder / f"exit_{index}.onnx"), options, providers=providers)
                       for index in range(len(self.config["exit_layers"]))]
-        self.output_names = [[output.name for output in session.get_outputs()] for session in self.exits]
+        self.input_names = [[tensor.name for tensor in session.get_inputs()] for session in self.exits]
+        self.output_names = [[tensor.name for tensor in session.get_outputs()] for session in self.exits]
         self._tokenizer, self._one_text, self._session_args = None, None, (threads, providers)
 
     @property
@@ -155,24 +161,24 @@ class OnnxEarlyExitClassifier:
             return self._predict_one(input_ids, mask, types, rule)
         hidden = self.embeddings.run(None, {"input_ids": input_ids, "token_type_ids": types})[0]
         rows = np.arange(size)  # the sample of each running row
+        running = {"hidden": hidden, "attention_mask": mask}  # what the next graph reads, one row per running row
         out_logits = np.zeros((size, config["num_labels"]), dtype=np.float32)
         out_layers = np.full(size, config["num_hidden_layers"], dtype=np.int64)
-        state, carried, top = rule.start(size), None, len(self.exits) - 1
-        for index, (session, layer) in enumerate(zip(self.exits, config["exit_layers"])):
-            outputs = session.run(None, self._feeds(index, hidden, mask, carried))
+        state, top = rule.start(size), len(self.exits) - 1
+        for index, layer in enumerate(config["exit_layers"]):
+            signals = self._step(index, running)
+            logits = signals["logits"]
             if index == top:
-                out_logits[rows], out_layers[rows] = outputs[0], layer
+                out_logits[rows], out_layers[rows] = logits, layer
                 break
-            signals = dict(zip(self.output_names[index], outputs))
-            hidden, carried = signals.pop("hidden_out"), signals["logits"]
             leave, state = rule.leave(signals, state)
             if leave.any():
-                out_logits[rows[leave]], out_layers[rows[leave]] = carried[leave], layer
+                out_logits[rows[leave]], out_layers[rows[leave]] = logits[leave], layer
                 stay = ~leave
                 if not stay.any():
                     break
-                rows, hidden, mask, carried = rows[stay], hidden[stay], mask[stay], carried[stay]
-                state = tuple(part[stay] for part in state)
+                rows, state = rows[stay], tuple(part[stay] for part in state)
+                running = {name: value[stay] for name, value in running.items()}
         not_finite = ~np.isfinite(out_logits.sum(axis=-1))
         if not_finite.any():
             raise FloatingPointError(_NOT_FINITE.format(samples=np.flatnonzero(not_finite)[:8].tolist()))
@@ -191,16 +197,15 @@ class OnnxEarlyExitClassifier:
             ValueError: as [`predict`] for the inputs.
         """
         input_ids, mask, types = self._inputs(input_ids, attention_mask, token_type_ids)
-        hidden = self.embeddings.run(None, {"input_ids": input_ids, "token_type_ids": types})[0]
-        logits, signals, carried = [], {"entropy": [], "distance_ratio": [], "scores": []}, None
-        for index, session in enumerate(self.exits):
-            outputs = dict(zip(self.output_names[index], session.run(None, self._feeds(index, hidden, mask, carried))))
+        running = {"hidden": self.embeddings.run(None, {"input_ids": input_ids, "token_type_ids": types})[0],
+                   "attention_mask": mask}
+        logits, signals = [], {"entropy": [], "distance_ratio": [], "scores": []}
+        for index in range(len(self.exits)):
+            outputs = self._step(index, running)
             logits.append(outputs["logits"])
-            if index == len(self.exits) - 1:
-                break
-            hidden, carried = outputs["hidden_out"], outputs["logits"]
-            for name, values in signals.items():
-                values.append(outputs.get(name))
+            if index < len(self.exits) - 1:
+                for name, values in signals.items():
+                    values.append(outputs.get(name))
 
         def stacked(values):
             if any(value is None for value in values):
@@ -238,11 +243,17 @@ class OnnxEarlyExitClassifier:
         types = np.zeros_like(input_ids) if token_type_ids is None else np.asarray(token_type_ids, dtype=np.int64)
         return input_ids, mask, types
 
-    def _feeds(self, index: int, hidden: np.ndarray, mask: np.ndarray, carried: np.ndarray | None) -> dict:
-        feeds = {"hidden": hidden, "attention_mask": mask}
-        if index > 0 and self.config["exit_memory"] != 1:
-            feeds["carried"] = carried  # MPEE's classifier memory: the graph averages the logits with these
-        return feeds
+    def _step(self, index: int, running: dict) -> dict:
+        """Runs exit graph `index` on the running rows, puts what the next graph reads into `running` (each
+        `<name>_out`, and the logits as `carried`, MPEE's classifier memory) and returns the exit's logits and
+        signals."""
+        session = self.exits[index]
+        outputs = dict(zip(self.output_names[index],
+                           session.run(None, {name: running[name] for name in self.input_names[index]})))
+        for name in [name for name in outputs if name.endswith("_out")]:
+            running[name.removesuffix("_out")] = outputs.pop(name)
+        running["carried"] = outputs["logits"]
+        return outputs
 
     def _predict_one(self, input_ids, mask, types, rule: Policy) -> dict:
         signal, sign, counter = self.config["rule_policies"][rule.name]

@@ -8,7 +8,7 @@ from the batch with `RunningBatch.select`, so each sample costs only the layers 
 """
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -110,10 +110,12 @@ def _layer_output(layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def run_layer(config, layer_number: int, layer: nn.Module, batch: RunningBatch) -> None:
+def run_layer(config, layer_number: int, layer: nn.Module, batch: RunningBatch,
+              build_mask: Callable[[torch.Tensor, torch.dtype], Any] | None = None) -> None:
     """Runs one encoder layer on `batch` in place. Under MPEE's token exit also: the class attention of the layer's
     input, the token importance, and after a token-exit layer the pruning, which shortens the sequence and rebuilds the
-    attention mask."""
+    attention mask: with `build_mask(token_mask, dtype)` when given (the ONNX export's additive mask), else as
+    `start_batch` builds it for the attention implementation."""
     tokens = batch.token_exit
     if tokens is None or layer_number > config.token_exit_layers[-1]:  # no token exit ahead: importance is not needed
         batch.hidden = _layer_output(layer, batch.hidden, batch.attention_mask)
@@ -126,8 +128,11 @@ def run_layer(config, layer_number: int, layer: nn.Module, batch: RunningBatch) 
                               tokens.has_fusion)
         batch.hidden, batch.token_mask = pruned.hidden, pruned.token_mask
         tokens.importance, tokens.has_fusion = pruned.importance, True
-        batch.attention_mask = create_bidirectional_mask(config=config, inputs_embeds=batch.hidden,
-                                                         attention_mask=batch.token_mask)
+        if build_mask is not None:
+            batch.attention_mask = build_mask(batch.token_mask, batch.hidden.dtype)
+        else:
+            batch.attention_mask = create_bidirectional_mask(config=config, inputs_embeds=batch.hidden,
+                                                             attention_mask=batch.token_mask)
 
 
 def run_exit(model, exit_index: int, batch: RunningBatch, features: bool = True, scores: bool = True) -> ExitOutputs:

@@ -1,6 +1,7 @@
 """Export of a DE3 model for ONNX Runtime: one graph for the embeddings and one per exit (the layers since the previous
 exit, the exit head and its exit signals), which `de3_onnx.OnnxEarlyExitClassifier` chains from the host with early
-exit and batch compaction between them (no torch there).
+exit and batch compaction between them (no torch there). Under MPEE's token exit each exit graph also passes on the
+token mask and token importance of the pruned sequence (`early_exit.run_layer` runs inside the graphs).
 
 Why one graph per exit: ONNX Runtime runs a whole graph on every call (it neither stops early nor skips nodes the
 requested outputs do not need, and asks for every graph input), so the only place to leave early without dynamic-shape
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .early_exit import encoder_steps
+from .early_exit import RunningBatch, TokenExitState, encoder_steps, run_layer
 from .onnx_one_text import ONE_TEXT_GRAPH, RULE_POLICIES, write_one_text_graph
 from .signals import distance_ratio, max_probability, normalized_energy, normalized_entropy
 from .token_exit import running_average
@@ -47,50 +48,75 @@ class _ExitSegment(nn.Module):
     for the next segment (not at the top), the exit's logits (averaged with the carried ones under MPEE's classifier
     memory) and, below the top, every exit signal a policy reads, computed here by `signals` itself (so the runner
     only compares them with thresholds): entropy, energy, largest probability, and the distance ratio (when the
-    prototypes are set) and learning-to-exit score (with those heads)."""
+    prototypes are set) and learning-to-exit score (with those heads).
 
-    def __init__(self, model, exit_index: int, layers: list[nn.Module]):
+    Under MPEE's token exit the layers run as in `predict_early` (`early_exit.run_layer`): `attention_mask` is then the
+    token mask of the sequence as the previous segment left it, and the segment also takes the token importance (when
+    a layer before it computed one and a token exit is still ahead) and gives the pruned token mask (after a token-exit
+    layer) and the importance (for a token exit ahead). Whether the last slot is a fusion token is known here from the
+    layer numbers."""
+
+    def __init__(self, model, exit_index: int, steps: list[tuple[int, nn.Module]]):
         super().__init__()
-        self.model, self.exit_index, self.layers = model, exit_index, nn.ModuleList(layers)
-        self.top = exit_index == model.config.num_exits - 1
-        self.carries = exit_index > 0 and model.config.exit_memory != 1
+        self.model, self.exit_index = model, exit_index
+        self.layer_numbers, self.layers = [number for number, _ in steps], nn.ModuleList(layer for _, layer in steps)
+        config = model.config
+        self.top = exit_index == config.num_exits - 1
+        self.carries = exit_index > 0 and config.exit_memory != 1
         self.with_ratio = model.prototype_memory.all_initialized
+        first, last = self.layer_numbers[0], self.layer_numbers[-1]
+        token_exits = config.token_exit_layers if config.token_exit else []
+        # `run_layer` updates the importance up to the last token-exit layer only, and it starts at layer 1.
+        self.takes_importance = bool(token_exits) and 1 < first <= token_exits[-1]
+        self.gives_importance = not self.top and bool(token_exits) and last < token_exits[-1]
+        self.prunes = any(first <= layer <= last for layer in token_exits)
+        self.starts_fused = any(layer < first for layer in token_exits)
 
-    def forward(self, hidden, attention_mask, carried=None):
-        bias = _additive_mask(attention_mask, hidden.dtype)
-        for layer in self.layers:
-            output = layer(hidden, attention_mask=bias)
-            hidden = output[0] if isinstance(output, tuple) else output
-        head = self.model.exit_head(self.exit_index, hidden, attention_mask, features=True, scores=True)
-        logits = running_average(carried, head.logits, self.model.config.exit_memory)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *state: torch.Tensor):
+        """`state`: the inputs named after the first two in `input_names` (importance, carried logits), in order."""
+        config, state = self.model.config, dict(zip(self.input_names[2:], state))
+        tokens = TokenExitState(state.get("importance"), self.starts_fused) if config.token_exit else None
+        batch = RunningBatch(hidden, _additive_mask(attention_mask, hidden.dtype), attention_mask, tokens)
+        for number, layer in zip(self.layer_numbers, self.layers):
+            run_layer(config, number, layer, batch, build_mask=_additive_mask)
+        head = self.model.exit_head(self.exit_index, batch.hidden, batch.token_mask, features=True, scores=True)
+        logits = running_average(state.get("carried"), head.logits, config.exit_memory)
         if self.top:
             return logits
-        outputs = [hidden, logits, normalized_entropy(logits), normalized_energy(logits), max_probability(logits)]
+        outputs = [batch.hidden]
+        if self.prunes:
+            outputs.append(batch.token_mask)
+        if self.gives_importance:
+            outputs.append(tokens.importance)
+        outputs += [logits, normalized_entropy(logits), normalized_energy(logits), max_probability(logits)]
         if self.with_ratio:
             prototypes = self.model.prototype_memory.prototypes[self.exit_index]
-            outputs.append(distance_ratio(logits, head.features, prototypes, self.model.config.distance))
+            outputs.append(distance_ratio(logits, head.features, prototypes, config.distance))
         if head.scores is not None:
             outputs.append(head.scores.float())
         return tuple(outputs)
 
     @property
     def input_names(self) -> list[str]:
-        return ["hidden", "attention_mask"] + (["carried"] if self.carries else [])
+        return (["hidden", "attention_mask"] + (["importance"] if self.takes_importance else [])
+                + (["carried"] if self.carries else []))
 
     @property
     def output_names(self) -> list[str]:
-        """The names of what `forward` returns, in its order."""
+        """The names of what `forward` returns, in its order; `<name>_out` is the next segment's input `<name>`."""
         if self.top:
             return ["logits"]
-        return (["hidden_out", "logits", "entropy", "energy", "max_prob"]
+        return (["hidden_out"] + (["attention_mask_out"] if self.prunes else [])
+                + (["importance_out"] if self.gives_importance else [])
+                + ["logits", "entropy", "energy", "max_prob"]
                 + (["distance_ratio"] if self.with_ratio else [])
                 + (["scores"] if self.model.config.learning_to_exit else []))
 
 
 def _segments(model) -> list[_ExitSegment]:
     segments, pending = [], []
-    for _, layer, exit_index in encoder_steps(model):
-        pending.append(layer)
+    for layer_number, layer, exit_index in encoder_steps(model):
+        pending.append((layer_number, layer))
         if exit_index is not None:
             segments.append(_ExitSegment(model, exit_index, pending))
             pending = []
@@ -102,7 +128,8 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
     (`embeddings.onnx`, `exit_<i>.onnx`; the prototypes are constants of the exit graphs, which compute the distance
     ratio), `one_text.onnx` (the whole early-exit forward of one text, see `onnx_one_text`), `de3_onnx.json` (exit
     layers, exit policy and its calibrated parameters, label names), `config.json` (the model's config), and the
-    tokenizer's files when `tokenizer` is given. Batch size and sequence length are dynamic. Load it with
+    tokenizer's files when `tokenizer` is given. Batch size and sequence length are dynamic. Under MPEE's token exit
+    the exit graphs prune tokens as `predict_early` does and pass the shortened sequence on. Load it with
     `de3_onnx.OnnxEarlyExitClassifier(save_directory)`.
 
     Args:
@@ -117,16 +144,10 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
         The folder.
 
     Raises:
-        NotImplementedError: for a model with MPEE token exit (`token_exit_ratio > 0`), whose pruning is not exported.
         ValueError: for a model whose weights are not float32.
         RuntimeError: for prototypes marked set that are not usable (not finite, or zero), as `predict_early`.
     """
     config = model.config
-    if config.token_exit:
-        raise NotImplementedError(
-            "The ONNX export does not cover MPEE token exit (token_exit_ratio > 0) yet: serve this model with "
-            "predict_early, or export a copy with config.token_exit_ratio = 0 (its exits then see every token)."
-        )
     if model.dtype != torch.float32:
         raise ValueError(f"export_onnx exports float32 weights; this model is {model.dtype}: call model.float() first.")
     if model.prototype_memory.all_initialized:
@@ -140,8 +161,8 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
     try:
         segments = _export_graphs(model, folder, opset)
         if one_text_graph:
-            write_one_text_graph(folder, list(config.exit_layers), [segment.carries for segment in segments],
-                                 [segment.output_names for segment in segments[:-1]], opset)
+            write_one_text_graph(folder, list(config.exit_layers),
+                                 [(segment.input_names, segment.output_names) for segment in segments], opset)
     finally:
         model.set_attn_implementation(attention)
         model.to(device).train(training)
@@ -180,21 +201,33 @@ def _export_graphs(model, folder: Path, opset: int) -> list[_ExitSegment]:
     embeddings = _Embeddings(model)
     _export(embeddings, (input_ids, token_type_ids), folder / "embeddings.onnx", ["input_ids", "token_type_ids"],
             ["hidden"], opset)
-    hidden, carried, segments = embeddings(input_ids, token_type_ids), None, _segments(model)
+    # What the next segment reads, carried from one to the next as `de3_onnx.runner` does.
+    running = {"hidden": embeddings(input_ids, token_type_ids), "attention_mask": attention_mask}
+    segments = _segments(model)
     for segment in segments:
-        inputs = (hidden, attention_mask) + ((carried,) if segment.carries else ())
+        inputs = tuple(running[name] for name in segment.input_names)
         _export(segment, inputs, folder / f"exit_{segment.exit_index}.onnx", segment.input_names,
-                segment.output_names, opset)
+                segment.output_names, opset, pruned=segment.prunes)
         if not segment.top:
-            hidden, carried = segment(*inputs)[:2]
+            outputs = dict(zip(segment.output_names, segment(*inputs)))
+            running.update({name.removesuffix("_out"): value for name, value in outputs.items()
+                            if name.endswith("_out")})
+            running["carried"] = outputs["logits"]
     return segments
 
 
-def _export(module, inputs, path: Path, input_names, output_names, opset: int) -> None:
+def _export(module, inputs, path: Path, input_names, output_names, opset: int, pruned: bool = False) -> None:
     # Token-level tensors have a dynamic batch and length; per-sample ones (logits, signals, carried) a dynamic batch.
-    token_level = {"input_ids", "token_type_ids", "attention_mask", "hidden", "hidden_out"}
-    dynamic = {name: {0: "batch", 1: "sequence"} if name in token_level else {0: "batch"}
-               for name in [*input_names, *output_names]}
+    # After a token exit (`pruned`) the token-level outputs have a length of their own.
+    token_level = {"input_ids", "token_type_ids", "attention_mask", "hidden", "importance"}
+
+    def axes(name: str) -> dict[int, str]:
+        stem = name.removesuffix("_out")
+        if stem not in token_level:
+            return {0: "batch"}
+        return {0: "batch", 1: "pruned_sequence" if pruned and stem != name else "sequence"}
+
+    dynamic = {name: axes(name) for name in [*input_names, *output_names]}
     # The TorchScript exporter: it keeps the batch and sequence sizes symbolic through these layers as they are. Its
     # deprecation notice and the tracer's note on `F.embedding`'s index check (a constant here) would only alarm.
     with warnings.catch_warnings():

@@ -96,19 +96,19 @@ def _inline(graph: onnx.GraphProto, prefix: str, wiring: dict[str, str], initial
     return nodes
 
 
-def write_one_text_graph(folder: Path, exit_layers: list[int], carries: list[bool], signal_names: list[list[str]],
+def write_one_text_graph(folder: Path, exit_layers: list[int], names: list[tuple[list[str], list[str]]],
                          opset: int) -> None:
     """Composes `one_text.onnx` from the embeddings and exit graphs in `folder`.
 
     Args:
         exit_layers: the layer of each exit.
-        carries: whether each exit graph takes the previous exit's logits (`carried`, MPEE's classifier memory).
-        signal_names: the output names of each exit graph below the top (`hidden_out`, `logits`, signals).
+        names: each exit graph's input and output names. An output `<name>_out` is the next graph's input `<name>`
+            and the logits its `carried` ones, as in `de3_onnx.runner`.
     """
     initializers, rule = [], _rule_graph(opset)
     initializers += [helper.make_tensor("previous_0", TensorProto.INT64, [1], [-1]),
                      helper.make_tensor("count_0", TensorProto.INT64, [1], [0])]
-    if len(exit_layers) > 1 and not {"distance_ratio", "scores"} <= set(signal_names[0]):
+    if len(exit_layers) > 1 and not {"distance_ratio", "scores"} <= set(names[0][1]):
         # What the rule reads of a signal this model lacks (no policy that reads it passes build_policy).
         initializers.append(helper.make_tensor("zero_signal", TensorProto.FLOAT, [1], [0.0]))
     nodes = _inline(onnx.load(folder / "embeddings.onnx").graph, "embeddings/",
@@ -116,19 +116,22 @@ def write_one_text_graph(folder: Path, exit_layers: list[int], carries: list[boo
     results = [helper.make_tensor_value_info("logits_out", TensorProto.FLOAT, [1, None]),
                helper.make_tensor_value_info("exit_layer", TensorProto.INT64, [1])]
 
-    def level(index: int, hidden: str, carried: str | None, previous: str, count: str,
+    def level(index: int, running: dict[str, str], previous: str, count: str,
               initializers: list) -> tuple[list, list[str]]:
-        """The nodes from exit `index` on, and the names of the logits and exit layer they give; the weights of exit
-        `index` join `initializers`, those of later exits go into the branch that runs them."""
+        """The nodes from exit `index` on, reading the values `running` names, and the names of the logits and exit
+        layer they give; the weights of exit `index` join `initializers`, those of later exits go into the branch
+        that runs them."""
         prefix = f"exit_{index}/"
-        wiring = {"hidden": hidden, "attention_mask": "attention_mask"} | ({"carried": carried} if carries[index]
-                                                                           else {})
-        steps = _inline(onnx.load(folder / f"exit_{index}.onnx").graph, prefix, wiring, initializers)
+        inputs, outputs = names[index]
+        steps = _inline(onnx.load(folder / f"exit_{index}.onnx").graph, prefix,
+                        {name: running[name] for name in inputs}, initializers)
         layer = helper.make_node("Constant", [], [prefix + "layer"], value=helper.make_tensor(
             prefix + "layer_value", TensorProto.INT64, [1], [exit_layers[index]]))
         if index == len(exit_layers) - 1:
             return steps + [layer], [prefix + "logits", prefix + "layer"]
-        produced = {name: prefix + name for name in signal_names[index]}
+        produced = {name: prefix + name for name in outputs}
+        following = running | {name.removesuffix("_out"): value for name, value in produced.items()
+                               if name.endswith("_out")} | {"carried": produced["logits"]}
         rule_wiring = {name: produced.get(name, "zero_signal") for name in ("logits", "entropy", "energy", "max_prob")}
         rule_wiring |= {"ratio": produced.get("distance_ratio", "zero_signal"),
                         "scores": produced.get("scores", "zero_signal"), "previous": previous, "count": count}
@@ -137,8 +140,8 @@ def write_one_text_graph(folder: Path, exit_layers: list[int], carries: list[boo
         # Each branch holds the weights it runs: ONNX Runtime folds and fuses a subgraph's nodes only with its own
         # initializers, not with those of the graph around it (which left the graph 1.8x slower at full depth).
         stay_initializers = []
-        stay_nodes, stay_outputs = level(index + 1, produced["hidden_out"], produced["logits"],
-                                         f"rule_{index}/prediction", f"rule_{index}/count_out", stay_initializers)
+        stay_nodes, stay_outputs = level(index + 1, following, f"rule_{index}/prediction", f"rule_{index}/count_out",
+                                         stay_initializers)
         # A branch hands out values of its own: the exit's logits pass through an Identity.
         answer = helper.make_node("Identity", [produced["logits"]], [prefix + "leave_logits"])
         leave_branch = helper.make_graph([answer, layer], f"leave_{index}", [], [
@@ -152,7 +155,8 @@ def write_one_text_graph(folder: Path, exit_layers: list[int], carries: list[boo
                                       then_branch=leave_branch, else_branch=stay_branch))
         return steps, outputs
 
-    steps, (logits, layer) = level(0, "embeddings/hidden", None, "previous_0", "count_0", initializers)
+    steps, (logits, layer) = level(0, {"hidden": "embeddings/hidden", "attention_mask": "attention_mask"},
+                                   "previous_0", "count_0", initializers)
     nodes += steps + [helper.make_node("Identity", [logits], ["logits_out"]),
                       helper.make_node("Identity", [layer], ["exit_layer"])]
     inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [1, "sequence"])

@@ -94,12 +94,18 @@ def prune_tokens(
         candidates = candidates & (positions < length - 1)
     keep = kept_counts(candidates.sum(dim=1), ratio)  # [B]
     # Rank the candidates by importance (others last); the `keep` best of each row stay, in their original order.
-    order = importance.float().masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    # Traced for the ONNX export, which has no stable sort, the sort becomes ONNX TopK: it breaks ties by index too.
+    tracing = torch.jit.is_tracing()
+    scores = importance.float().masked_fill(~candidates, float("-inf"))
+    order = scores.argsort(dim=1, descending=True) if tracing else scores.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, -1))
     kept_mask = candidates & (rank < keep[:, None])
-    width = int(keep.max())  # the one host synchronisation of a token exit
-    slots = torch.where(kept_mask, positions, positions + length).argsort(dim=1)[:, :width]  # kept first, in order
-    slot_real = torch.arange(width, device=hidden.device) < keep[:, None]
+    slots = torch.where(kept_mask, positions, positions + length).argsort(dim=1)  # kept first, in order
+    if tracing:  # a Python int would freeze the trace's width into the graph: select the columns with tensor ops
+        slots = slots.index_select(1, (positions < keep.max()).nonzero().flatten())
+    else:
+        slots = slots[:, : int(keep.max())]  # the one host synchronisation of a token exit
+    slot_real = torch.arange(slots.shape[1], device=hidden.device) < keep[:, None]
 
     fused = real & (positions > 0) & ~kept_mask  # pruned candidates and the previous fusion token
     weights = attention.float() * fused

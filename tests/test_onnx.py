@@ -1,5 +1,6 @@
 """Early exit on ONNX Runtime: `export_onnx` and the torch-free `de3_onnx` runner give the exits and logits of
-`predict_early`, for every policy that needs no labels, on the real MiniLM and on tiny random models."""
+`predict_early`, for every policy that needs no labels, on the real MiniLM and on tiny random models, with and without
+MPEE token exit."""
 
 import json
 import os
@@ -8,13 +9,16 @@ import sys
 import textwrap
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from de3_onnx import POLICY_NAMES, OnnxEarlyExitClassifier
 from de3_transformers import calibrate, collect_exit_signals, export_onnx
 from de3_transformers.data import load_glue_task
+from de3_transformers.token_exit import prune_tokens
 
 from conftest import blocking_imports, mixed_length_batch, tiny_model, train_prototypes
 
@@ -27,15 +31,12 @@ def exported(minilm_checkpoint, tmp_path_factory):
     return model, tokenizer, folder
 
 
-@pytest.fixture(scope="module")
-def policy_settings(exported, glue_dir):
-    """Each policy calibrated for a 2x layer speed-up on 64 SST-2 training sentences, so samples leave at
-    different exits under every one."""
-    model, tokenizer, _ = exported
-    rows = load_glue_task("sst2", glue_dir)["train"].select(range(400, 464))
-    signals = collect_exit_signals(model, [dict(tokenizer(row["sentence"]), label=row["label"]) for row in rows])
+def calibrated_settings(model, rows, policies=POLICY_NAMES) -> dict[str, dict]:
+    """Each policy's parameters calibrated on `rows` (labelled, tokenized) for a 2x layer speed-up (1.5x for
+    patience), so samples leave at different exits under every one."""
+    signals = collect_exit_signals(model, rows)
     settings = {}
-    for name in POLICY_NAMES:
+    for name in policies:
         result = calibrate(model, None, target_speedup=2.0 if name != "patience" else 1.5, policy=name,
                            signals=signals, save=False)
         settings[name] = {key: value for key, value in result.parameters.items() if key in ("threshold", "lam",
@@ -44,24 +45,44 @@ def policy_settings(exported, glue_dir):
 
 
 @pytest.fixture(scope="module")
+def policy_settings(exported, glue_dir):
+    """Each policy calibrated on 64 SST-2 training sentences."""
+    model, tokenizer, _ = exported
+    rows = load_glue_task("sst2", glue_dir)["train"].select(range(400, 464))
+    return calibrated_settings(model, [dict(tokenizer(row["sentence"]), label=row["label"]) for row in rows])
+
+
+@pytest.fixture(scope="module")
 def dev_sentences(glue_dir):
     return load_glue_task("sst2", glue_dir)["validation"]["sentence"][:200]
+
+
+def assert_answers_of_predict_early(model, runner, batches, settings) -> dict[str, set[int]]:
+    """Checks, batch by batch and under each policy of `settings`, that the runner's exits equal those of
+    `predict_early` and its logits lie within 1e-4. Returns the exit layers each policy used."""
+    layers_seen = {}
+    for name, parameters in settings.items():
+        for index, batch in enumerate(batches):
+            expected = model.predict_early(**batch, policy=name, **parameters)
+            got = runner.predict(**{key: value.numpy() for key, value in batch.items()}, policy=name, **parameters)
+            assert np.array_equal(got["exit_layers"], expected.sample_exit_layers.numpy()), (name, index)
+            np.testing.assert_allclose(got["logits"], expected.logits.numpy(), atol=1e-4, rtol=0)
+            layers_seen.setdefault(name, set()).update(got["exit_layers"].tolist())
+    return layers_seen
+
+
+def sst2_batches(tokenizer, sentences, batch_size: int) -> list[dict]:
+    return [tokenizer(sentences[start : start + batch_size], padding=True, return_tensors="pt")
+            for start in range(0, len(sentences), batch_size)]
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
 def test_exits_and_logits_equal_predict_early_for_every_policy(exported, policy_settings, dev_sentences, batch_size):
     model, tokenizer, folder = exported
     runner = OnnxEarlyExitClassifier(folder, threads=2)
-    for name, parameters in policy_settings.items():
-        layers_seen = set()
-        for start in range(0, len(dev_sentences), batch_size):
-            batch = tokenizer(dev_sentences[start : start + batch_size], padding=True, return_tensors="pt")
-            expected = model.predict_early(**batch, policy=name, **parameters)
-            got = runner.predict(**{key: value.numpy() for key, value in batch.items()}, policy=name, **parameters)
-            assert np.array_equal(got["exit_layers"], expected.sample_exit_layers.numpy()), (name, start)
-            np.testing.assert_allclose(got["logits"], expected.logits.numpy(), atol=1e-4, rtol=0)
-            layers_seen.update(got["exit_layers"].tolist())
-        assert len(layers_seen) > 1, name  # the comparison covers samples leaving at different exits
+    batches = sst2_batches(tokenizer, dev_sentences, batch_size)
+    for name, layers in assert_answers_of_predict_early(model, runner, batches, policy_settings).items():
+        assert len(layers) > 1, name  # the comparison covers samples leaving at different exits
 
 
 def test_texts_give_the_labels_scores_and_layers_of_the_pipeline(exported, dev_sentences):
@@ -110,8 +131,6 @@ def test_tiny_models_of_both_backbones_with_classifier_memory(backbone, tmp_path
 
 
 def test_what_the_export_does_not_cover_is_refused(tmp_path):
-    with pytest.raises(NotImplementedError, match="token exit"):
-        export_onnx(tiny_model(token_exit_ratio=0.3), tmp_path)
     with pytest.raises(ValueError, match="float32"):
         export_onnx(tiny_model().to(torch.bfloat16), tmp_path)
     folder = export_onnx(tiny_model(), tmp_path / "untrained")  # prototypes never set
@@ -247,3 +266,111 @@ def test_the_pipeline_runs_on_onnx_runtime_with_one_argument(exported, dev_sente
                                                      intermediate_size=37, vocab_size=tokenizer.vocab_size))
     with pytest.raises(ValueError, match="serve DE3 models"):
         pipeline("text-classification", model=plain, tokenizer=tokenizer, backend="onnxruntime")
+
+
+# MPEE token exit: the exit graphs prune tokens as `predict_early` does and pass the shorter sequence on.
+
+
+class _PruneTokens(nn.Module):
+    def __init__(self, has_fusion: bool):
+        super().__init__()
+        self.has_fusion = has_fusion
+
+    def forward(self, hidden, token_mask, importance, attention):
+        pruned = prune_tokens(hidden, token_mask, importance, attention, ratio=0.5, has_fusion=self.has_fusion)
+        return pruned.hidden, pruned.token_mask, pruned.importance
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter's, which export_onnx uses too
+@pytest.mark.parametrize("has_fusion", [False, True])
+def test_traced_token_pruning_fits_other_shapes_and_breaks_ties_as_predict_early(has_fusion, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+
+    def sequence(*lengths: int):
+        shape = (len(lengths), max(lengths))
+        token_mask = (torch.arange(shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+        # Importance on a coarse grid, so that many candidates tie (both sorts must then keep the earlier slot).
+        importance = torch.randint(1, 4, shape, generator=generator) / 4 * token_mask
+        attention = torch.rand(shape, generator=generator) * token_mask
+        return torch.randn(*shape, 4, generator=generator), token_mask, importance, attention
+
+    names = ["hidden", "token_mask", "importance", "attention"]
+    path = os.fspath(tmp_path / "prune.onnx")
+    torch.onnx.export(_PruneTokens(has_fusion), sequence(6, 4), path, input_names=names,
+                      output_names=["hidden_out", "mask_out", "importance_out"], opset_version=17, dynamo=False,
+                      dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names})
+    session = ort.InferenceSession(path)
+    # Longer and more rows than traced, a row whose one candidate is not kept, one keeping 5, and a batch keeping none.
+    for lengths in ([12, 3, 7, 12, 2], [3], [2, 2]):
+        inputs = sequence(*lengths)
+        expected = _PruneTokens(has_fusion)(*inputs)
+        got = session.run(None, {name: value.numpy() for name, value in zip(names, inputs)})
+        np.testing.assert_allclose(got[0], expected[0].numpy(), atol=1e-6, rtol=0)
+        assert np.array_equal(got[1], expected[1].numpy()) and np.array_equal(got[2], expected[2].numpy())
+
+
+def token_exit_batch(pad_token_id: int, batch_size: int = 16, seed: int = 1):
+    """Mixed lengths up to 16 (twice the traced length), with one text of 2 tokens, whose one candidate exits."""
+    input_ids, attention_mask = mixed_length_batch(batch_size=batch_size, seed=seed, pad_token_id=pad_token_id)
+    attention_mask[1, 2:] = 0
+    return input_ids.masked_fill(attention_mask == 0, pad_token_id), attention_mask
+
+
+def export_with_settings(model, folder, policies=POLICY_NAMES):
+    """The model's runner (exported to `folder`) and `policies` calibrated on other texts than `token_exit_batch`."""
+    input_ids, attention_mask = token_exit_batch(model.config.pad_token_id, batch_size=48, seed=7)
+    rows = [{"input_ids": ids[mask == 1].tolist(), "label": index % model.config.num_labels}
+            for index, (ids, mask) in enumerate(zip(input_ids, attention_mask))]
+    return OnnxEarlyExitClassifier(export_onnx(model, folder), threads=1), calibrated_settings(model, rows, policies)
+
+
+@pytest.fixture(scope="module")
+def tiny_token_exit(tmp_path_factory):
+    """A tiny BERT with an exit per layer whose tokens exit after layers 1 and 3 of 4 (30% of them), with
+    learning-to-exit heads and mean pooling (the heads read the token mask), exported."""
+    model = train_prototypes(tiny_model(token_exit_ratio=0.3, learning_to_exit=True, exit_pooling="mean"))
+    return model, *export_with_settings(model, tmp_path_factory.mktemp("onnx") / "token_exit")
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 16])
+def test_token_exit_graphs_answer_as_predict_early_for_every_policy(tiny_token_exit, batch_size):
+    model, runner, settings = tiny_token_exit
+    input_ids, attention_mask = token_exit_batch(model.config.pad_token_id)
+    batches = [{"input_ids": input_ids[start : start + batch_size],
+                "attention_mask": attention_mask[start : start + batch_size]} for start in range(0, 16, batch_size)]
+    layers_seen = assert_answers_of_predict_early(model, runner, batches, settings)
+    assert set().union(*layers_seen.values()) == {1, 2, 3, 4}
+
+
+def test_token_exit_state_crosses_graphs_of_several_layers_with_classifier_memory(tmp_path):
+    model = train_prototypes(tiny_model("roberta", token_exit_ratio=0.5, token_exit_layers=[1, 3], exit_layers=[2, 4],
+                                        exit_memory=0.9, exit_pooling="mean"))
+    runner, settings = export_with_settings(model, tmp_path, policies=("de3", "max_prob", "patience"))
+    # Layers 1-2: prune after 1, give the importance for the token exit after layer 3, which the top graph runs.
+    assert runner.input_names == [["hidden", "attention_mask"], ["hidden", "attention_mask", "importance", "carried"]]
+    assert runner.output_names[0][:3] == ["hidden_out", "attention_mask_out", "importance_out"]
+    input_ids, attention_mask = token_exit_batch(model.config.pad_token_id)
+    for batch_size in (1, 16):
+        batches = [{"input_ids": input_ids[start : start + batch_size],
+                    "attention_mask": attention_mask[start : start + batch_size]} for start in range(0, 16, batch_size)]
+        assert_answers_of_predict_early(model, runner, batches, settings)
+
+
+@pytest.fixture(scope="module")
+def exported_token_exit(minilm_checkpoint, tmp_path_factory):
+    """The MiniLM fixture's weights with MPEE token exit switched on for inference (half of the tokens exit after
+    layers 2 and 4), exported."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm_checkpoint, token_exit_ratio=0.5, token_exit_layers=[2, 4]).eval()
+    return model, export_onnx(model, tmp_path_factory.mktemp("onnx") / "token_exit")
+
+
+def test_token_exit_on_the_real_minilm_answers_as_predict_early(exported, exported_token_exit, policy_settings,
+                                                                dev_sentences):
+    _, tokenizer, _ = exported
+    model, folder = exported_token_exit
+    runner = OnnxEarlyExitClassifier(folder, threads=2)
+    for batch_size in (1, 7, 64):
+        batches = sst2_batches(tokenizer, dev_sentences, batch_size)
+        layers_seen = assert_answers_of_predict_early(model, runner, batches, {"de3": policy_settings["de3"]})
+        assert len(layers_seen["de3"]) > 1, batch_size
