@@ -11,6 +11,10 @@ What a graph passes to the next is per row and named by the graphs: an output `<
 `<name>` (the hidden states and, under MPEE's token exit, the token mask and token importance of the pruned
 sequence), and the logits are the next graph's `carried` ones (MPEE's classifier memory). The runner feeds each graph
 the inputs it names and compacts all of them alike.
+
+A batch of one text under the exported policy runs `one_text.onnx` instead (`de3_transformers.onnx_one_text`): the
+same graphs joined by ONNX `If`s, with the policy's rule inside, so the text leaves in one `run`, without the cost of a
+`run` per exit that dominates at batch 1.
 """
 
 import json
@@ -157,7 +161,7 @@ class OnnxEarlyExitClassifier:
         rule = self.build_policy(policy, threshold, lam, patience)
         input_ids, mask, types = self._inputs(input_ids, attention_mask, token_type_ids)
         size, config = input_ids.shape[0], self.config
-        if size == 1 and self.one_text is not None:
+        if size == 1 and rule.name == self.config.get("one_text_policy") and self.one_text is not None:
             return self._predict_one(input_ids, mask, types, rule)
         hidden = self.embeddings.run(None, {"input_ids": input_ids, "token_type_ids": types})[0]
         rows = np.arange(size)  # the sample of each running row
@@ -186,8 +190,8 @@ class OnnxEarlyExitClassifier:
                 "speedup": config["num_hidden_layers"] * size / int(out_layers.sum())}
 
     def exit_outputs(self, input_ids, attention_mask=None, token_type_ids=None) -> dict:
-        """Every exit's logits and exit signals for a tokenized batch, at full depth (what calibration reads), batch-first
-        as the model's forward gives them with `output_exit_signals=True`.
+        """Every exit's logits and exit signals for a tokenized batch, at full depth (what calibration reads),
+        batch-first as the model's forward gives them with `output_exit_signals=True`.
 
         Returns:
             `{"exit_logits": [B, E, K], "entropy": [B, E-1], "distance_ratio": [B, E-1] or None (prototypes not set),
@@ -256,10 +260,8 @@ class OnnxEarlyExitClassifier:
         return outputs
 
     def _predict_one(self, input_ids, mask, types, rule: Policy) -> dict:
-        signal, sign, counter = self.config["rule_policies"][rule.name]
         feeds = {"input_ids": input_ids, "token_type_ids": types, "attention_mask": mask,
-                 "signal": np.array(signal, dtype=np.int64), "counter": np.array(counter, dtype=np.int64),
-                 "threshold": np.array(sign * np.float32(rule.threshold), dtype=np.float32),
+                 "threshold": np.array(rule.threshold, dtype=np.float32),
                  "lam": np.array(rule.lam, dtype=np.float32),
                  # float32(lam + 1) rounded once from float64, as the host's rule (policies.hybrid_indicator) has it
                  "lam_plus_one": np.array(rule.lam + 1.0, dtype=np.float32),

@@ -5,8 +5,9 @@ token mask and token importance of the pruned sequence (`early_exit.run_layer` r
 
 Why one graph per exit: ONNX Runtime runs a whole graph on every call (it neither stops early nor skips nodes the
 requested outputs do not need, and asks for every graph input), so the only place to leave early without dynamic-shape
-index operations inside the graph is between graphs. What the chain costs against the one-graph plain model is
-measured in `benchmarks/results/onnxruntime_cpu.md`.
+index operations inside the graph is between graphs. A batch of one has nothing to compact, so for it the same graphs
+are also joined into one (`onnx_one_text`), which leaves through ONNX `If`s. What both cost against the one-graph plain
+model is measured in `benchmarks/results/onnxruntime_cpu.md`.
 """
 
 import json
@@ -152,6 +153,7 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
         raise ValueError(f"export_onnx exports float32 weights; this model is {model.dtype}: call model.float() first.")
     if model.prototype_memory.all_initialized:
         model.prototype_memory.require_usable()  # baked into the graphs: a bad prototype must not get that far
+    one_text_graph = one_text_graph and config.early_exit_policy in RULE_POLICIES
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     device, training, attention = model.device, model.training, config._attn_implementation
@@ -162,7 +164,8 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
         segments = _export_graphs(model, folder, opset)
         if one_text_graph:
             write_one_text_graph(folder, list(config.exit_layers),
-                                 [(segment.input_names, segment.output_names) for segment in segments], opset)
+                                 [(segment.input_names, segment.output_names) for segment in segments],
+                                 config.early_exit_policy, opset)
     finally:
         model.set_attn_implementation(attention)
         model.to(device).train(training)
@@ -182,7 +185,7 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
         "pad_token_id": config.pad_token_id,
         "max_sequence_length": model.max_sequence_length,
         "one_text_graph": ONE_TEXT_GRAPH if one_text_graph else None,
-        "rule_policies": {name: list(reading) for name, reading in RULE_POLICIES.items()},
+        "one_text_policy": config.early_exit_policy if one_text_graph else None,
     }
     (folder / ONNX_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
     config.save_pretrained(folder)  # for the torch side: calibration on the exported graphs reads it

@@ -7,8 +7,10 @@ and that ate most of the layer speed-up. Batches of several texts keep the chain
 graph cannot drop rows without index operations that cost more than they save on small batches.
 
 The graph is composed from the graphs `export_onnx` already wrote (embeddings, exit segments) and a traced rule, so
-the layers, heads and signals are the very nodes the chain runs. The policy and its parameters are graph inputs: one
-graph serves every policy that needs no labels, with the values of each call.
+the layers, heads and signals are the very nodes the chain runs. It is written for one policy (the model's calibrated
+one), with the policy's parameters (threshold, lambda, patience) as graph inputs, so each call may change them; the
+signals that policy does not read are pruned. Each branch holds its own weights: ONNX Runtime optimises a subgraph
+only with its own initializers.
 """
 
 import io
@@ -22,53 +24,79 @@ from torch import nn
 
 
 ONE_TEXT_GRAPH = "one_text.onnx"
-# How the rule reads each policy: `(signal, sign, counter)`. A threshold policy compares `sign * signal < sign *
-# threshold` (negation is exact in float32, so `-p < -t` is `p > t`); `counter` 1 counts the exits whose prediction
-# stays the same (patience), 2 those whose entropy is below the threshold (patient_confident), and leaves on the count.
-RULE_SIGNALS = ("edr", "entropy", "max_prob", "energy", "scores")
-RULE_POLICIES = {"de3": (0, 1, 0), "entropy": (1, 1, 0), "max_prob": (2, -1, 0), "energy": (3, 1, 0),
-                 "patience": (1, 1, 1), "patient_confident": (1, 1, 2), "learned": (4, -1, 0)}
+RULE_POLICIES = ("de3", "entropy", "max_prob", "energy", "patience", "patient_confident", "learned")
 _TINY = torch.finfo(torch.float32).tiny
 
 
 class ExitRule(nn.Module):
-    """Every policy's rule for one exit, as `de3_onnx.policies.Policy.leave` computes it on the host (the same float32
-    operations in the same order, so both leave on the same texts), the policy read as `RULE_POLICIES` says: `signal`
-    picks the signal (`RULE_SIGNALS`), `threshold` comes with its sign applied, and `counter` selects the count of
-    the patience policies. `lam_plus_one` is `float32(lam + 1)`, which the host rounds once from float64. Written with
-    few nodes: each costs a few microseconds at batch 1, a fair part of a layer on short texts."""
+    """The rule of one policy (`RULE_POLICIES`) at one exit, as `de3_onnx.policies.Policy.leave` computes it on the
+    host: the same float32 operations in the same order, so both leave on the same texts. `lam_plus_one` is
+    `float32(lam + 1)`, which the host rounds once from float64. Traced for its policy alone: at batch 1 every node
+    costs a few microseconds, a fair part of a layer on short texts, so the graph holds only what the policy reads
+    (the signals it does not read are pruned from the exit graphs too)."""
 
-    def forward(self, logits, entropy, energy, max_prob, ratio, scores, previous, count, signal, counter, threshold,
-                lam, lam_plus_one, patience):
-        denominator = lam * entropy + ratio
-        edr = torch.where(denominator == 0, torch.zeros_like(denominator),
-                          lam_plus_one * entropy * ratio / denominator.clamp_min(_TINY))
-        edr = torch.where(lam == 0, entropy, edr.clamp(0.0, 1.0))
-        below = torch.cat([edr, entropy, -max_prob, energy, -scores])[signal] < threshold
-        prediction = logits.argmax(dim=-1)
-        counts_same = counter == 1  # boolean algebra, not Where: ONNX Runtime has no Where on booleans
-        hit = (counts_same & (prediction == previous)) | (~counts_same & below)
-        new_count = torch.where(hit, count + 1, torch.zeros_like(count))
+    def __init__(self, policy: str):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, logits, entropy, energy, max_prob, ratio, scores, previous, count, threshold, lam, lam_plus_one,
+                patience):
+        if self.policy == "de3":
+            denominator = lam * entropy + ratio
+            edr = torch.where(denominator == 0, torch.zeros_like(denominator),
+                              lam_plus_one * entropy * ratio / denominator.clamp_min(_TINY))
+            leave = torch.where(lam == 0, entropy, edr.clamp(0.0, 1.0)) < threshold
+        elif self.policy in ("entropy", "energy"):
+            leave = (entropy if self.policy == "entropy" else energy) < threshold
+        elif self.policy in ("max_prob", "learned"):
+            leave = (max_prob if self.policy == "max_prob" else scores) > threshold
+        elif self.policy == "patience":
+            prediction = logits.argmax(dim=-1)
+            count = torch.where(prediction == previous, count + 1, torch.zeros_like(count))
+            leave, previous = count >= patience, prediction
+        else:  # patient_confident
+            count = torch.where(entropy < threshold, count + 1, torch.zeros_like(count))
+            leave = count >= patience
         total = logits.sum(dim=-1)
-        finite = (total - total) == 0  # NaN or inf give NaN here
-        counts = counter > 0
-        leave = ((counts & (new_count >= patience)) | (~counts & below)) & finite
-        return leave, prediction, new_count
+        return leave & ((total - total) == 0), previous, count  # NaN or inf logits give NaN there: never leave
 
 
-def _rule_graph(opset: int) -> onnx.GraphProto:
+def _rule_graph(policy: str, opset: int) -> onnx.GraphProto:
     one = torch.zeros(1)
     inputs = {"logits": torch.zeros(1, 2), "entropy": one, "energy": one, "max_prob": one, "ratio": one,
               "scores": one, "previous": torch.zeros(1, dtype=torch.long), "count": torch.zeros(1, dtype=torch.long),
-              "signal": torch.tensor(0), "counter": torch.tensor(0), "threshold": torch.tensor(0.5),
-              "lam": torch.tensor(1.0), "lam_plus_one": torch.tensor(2.0), "patience": torch.tensor(2)}
+              "threshold": torch.tensor(0.5), "lam": torch.tensor(1.0), "lam_plus_one": torch.tensor(2.0),
+              "patience": torch.tensor(2)}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=DeprecationWarning)
-        torch.onnx.export(ExitRule(), tuple(inputs.values()), buffer, input_names=list(inputs),
-                          output_names=["leave", "prediction", "count_out"], opset_version=opset, dynamo=False,
+        warnings.simplefilter("ignore", category=UserWarning)  # inputs the policy does not read
+        torch.onnx.export(ExitRule(policy), tuple(inputs.values()), buffer, input_names=list(inputs),
+                          output_names=["leave", "previous_out", "count_out"], opset_version=opset, dynamo=False,
                           dynamic_axes={"logits": {1: "labels"}})
     return onnx.load_from_string(buffer.getvalue()).graph
+
+
+def _prune(graph: onnx.GraphProto) -> set[str]:
+    """Drops the nodes and initializers of `graph` (and of its branches) that no output needs; returns the names it
+    reads from the graphs around it."""
+    needed = {output.name for output in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if not needed.intersection(node.output):
+            continue
+        kept.append(node)
+        needed.update(name for name in node.input if name)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                needed |= _prune(attribute.g)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    produced = {name for node in graph.node for name in node.output}
+    return needed - produced - {tensor.name for tensor in graph.initializer} - {value.name for value in graph.input}
 
 
 def _inline(graph: onnx.GraphProto, prefix: str, wiring: dict[str, str], initializers: list) -> list:
@@ -97,15 +125,16 @@ def _inline(graph: onnx.GraphProto, prefix: str, wiring: dict[str, str], initial
 
 
 def write_one_text_graph(folder: Path, exit_layers: list[int], names: list[tuple[list[str], list[str]]],
-                         opset: int) -> None:
-    """Composes `one_text.onnx` from the embeddings and exit graphs in `folder`.
+                         policy: str, opset: int) -> None:
+    """Composes `one_text.onnx` for `policy` from the embeddings and exit graphs in `folder`.
 
     Args:
         exit_layers: the layer of each exit.
         names: each exit graph's input and output names. An output `<name>_out` is the next graph's input `<name>`
             and the logits its `carried` ones, as in `de3_onnx.runner`.
+        policy: one of `RULE_POLICIES`, whose parameters are graph inputs.
     """
-    initializers, rule = [], _rule_graph(opset)
+    initializers, rule = [], _rule_graph(policy, opset)
     initializers += [helper.make_tensor("previous_0", TensorProto.INT64, [1], [-1]),
                      helper.make_tensor("count_0", TensorProto.INT64, [1], [0])]
     if len(exit_layers) > 1 and not {"distance_ratio", "scores"} <= set(names[0][1]):
@@ -135,13 +164,14 @@ def write_one_text_graph(folder: Path, exit_layers: list[int], names: list[tuple
         rule_wiring = {name: produced.get(name, "zero_signal") for name in ("logits", "entropy", "energy", "max_prob")}
         rule_wiring |= {"ratio": produced.get("distance_ratio", "zero_signal"),
                         "scores": produced.get("scores", "zero_signal"), "previous": previous, "count": count}
-        rule_wiring |= {name: name for name in ("signal", "counter", "threshold", "lam", "lam_plus_one", "patience")}
+        rule_wiring |= {name: name for name in ("threshold", "lam", "lam_plus_one", "patience")}
         steps += _inline(rule, f"rule_{index}/", rule_wiring, initializers)
         # Each branch holds the weights it runs: ONNX Runtime folds and fuses a subgraph's nodes only with its own
-        # initializers, not with those of the graph around it (which left the graph 1.8x slower at full depth).
+        # initializers, not with those of the graph around it (with the weights outside: a quarter slower at full
+        # depth).
         stay_initializers = []
-        stay_nodes, stay_outputs = level(index + 1, following, f"rule_{index}/prediction", f"rule_{index}/count_out",
-                                         stay_initializers)
+        stay_nodes, stay_outputs = level(index + 1, following, f"rule_{index}/previous_out",
+                                         f"rule_{index}/count_out", stay_initializers)
         # A branch hands out values of its own: the exit's logits pass through an Identity.
         answer = helper.make_node("Identity", [produced["logits"]], [prefix + "leave_logits"])
         leave_branch = helper.make_graph([answer, layer], f"leave_{index}", [], [
@@ -161,14 +191,15 @@ def write_one_text_graph(folder: Path, exit_layers: list[int], names: list[tuple
                       helper.make_node("Identity", [layer], ["exit_layer"])]
     inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [1, "sequence"])
               for name in ("input_ids", "token_type_ids", "attention_mask")]
-    inputs += [helper.make_tensor_value_info(name, TensorProto.INT64, []) for name in ("signal", "counter", "patience")]
+    inputs.append(helper.make_tensor_value_info("patience", TensorProto.INT64, []))
     inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, []) for name in ("threshold", "lam",
                                                                                      "lam_plus_one")]
     graph = helper.make_graph(nodes, "de3_one_text", inputs, results, initializer=initializers)
+    _prune(graph)  # the signals the policy does not read
     embeddings_model = onnx.load(folder / "embeddings.onnx", load_external_data=False)
     model = helper.make_model(graph, opset_imports=list(embeddings_model.opset_import),
                               producer_name="de3_transformers")
     onnx.save(model, folder / ONE_TEXT_GRAPH)
 
 
-__all__ = ["ONE_TEXT_GRAPH", "RULE_POLICIES", "RULE_SIGNALS", "ExitRule", "write_one_text_graph"]
+__all__ = ["ONE_TEXT_GRAPH", "RULE_POLICIES", "ExitRule", "write_one_text_graph"]

@@ -9,9 +9,11 @@ How `pipeline()` finds it (README, "Using the pipeline"):
 - a saved DE3 checkpoint carries this file and names it in its config's `custom_pipelines`, which `pipeline()`
   honours with `trust_remote_code=True` where the package is not installed.
 
-The file travels with checkpoints: it imports nothing from the package but the torch-free config module.
+The file travels with checkpoints: it imports nothing from the package but the torch-free config module (and, for
+`backend="onnxruntime"` only, the export and the runner, when the pipeline is built).
 """
 
+import tempfile
 from typing import Any
 
 import torch
@@ -47,6 +49,7 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
 
     Raises (when built):
         ValueError: for an unknown backend, or `backend="onnxruntime"` for a model that is not a DE3 model.
+        ImportError: for `backend="onnxruntime"` without the package's onnx extra.
 
     Raises (when called):
         ValueError: as `predict_early`, for an unknown policy or a parameter out of range; for inputs longer than
@@ -70,14 +73,15 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
             raise ValueError(f"backend={backend!r} is unknown; choose 'pytorch' or 'onnxruntime'.")
         self.runner, self._export_folder = None, None
         if backend == "onnxruntime":
-            # Imported here: this file travels with checkpoints, and only this backend needs the package.
-            from de3_transformers.onnx_backend import onnx_runner
-
-            if onnx_model is None:
-                import tempfile
-
+            # Imported here, in a `try` (which `trust_remote_code`'s check of a checkpoint's imports skips): this file
+            # travels with checkpoints, and only this backend needs the package.
+            try:
                 from de3_transformers import export_onnx
-
+                from de3_transformers.onnx_backend import onnx_runner
+            except ImportError as error:
+                raise ImportError("backend='onnxruntime' needs the de3-transformers package with its onnx extra: pip "
+                                  "install 'de3-transformers[onnx]'.") from error
+            if onnx_model is None:
                 self._export_folder = tempfile.TemporaryDirectory(prefix="de3_onnx_")  # removed with the pipeline
                 onnx_model = export_onnx(self.model, self._export_folder.name, tokenizer=self.tokenizer)
             self.runner = onnx_runner(onnx_model)

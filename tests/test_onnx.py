@@ -168,12 +168,12 @@ def test_predict_dataset_scores_on_onnx_runtime_with_one_argument(exported, dev_
 
 @pytest.mark.parametrize("learning_to_exit", [False, True])
 def test_one_text_graph_leaves_where_the_chain_and_predict_early_do(learning_to_exit, tmp_path):
-    """Batches of one run `one_text.onnx`, whose rule is in the graph: every policy, its parameters given per call,
-    leaves each text where the chain of exit graphs (an export without the one-text graph) and `predict_early` do."""
+    """Batches of one run `one_text.onnx`, written for the model's policy with its rule in the graph and its
+    parameters given per call: it leaves each text where the chain of exit graphs and `predict_early` do. Another
+    policy at batch 1 runs the chain."""
     model = train_prototypes(tiny_model(exit_memory=0.9, learning_to_exit=learning_to_exit)).eval()
-    runner = OnnxEarlyExitClassifier(export_onnx(model, tmp_path / "with"))
-    chain = OnnxEarlyExitClassifier(export_onnx(model, tmp_path / "without", one_text_graph=False))
-    assert (tmp_path / "with" / "one_text.onnx").is_file() and not (tmp_path / "without" / "one_text.onnx").exists()
+    chain = OnnxEarlyExitClassifier(export_onnx(model, tmp_path / "chain", one_text_graph=False))
+    assert chain.config["one_text_graph"] is None and not (tmp_path / "chain" / "one_text.onnx").exists()
     input_ids, attention_mask = mixed_length_batch(batch_size=12, pad_token_id=model.config.pad_token_id)
     settings = [("de3", {"threshold": 0.5}), ("de3", {"threshold": 0.5, "lam": 0.0}), ("de3", {"threshold": 0.4,
                 "lam": 3.0}), ("entropy", {"threshold": 0.99}), ("max_prob", {"threshold": 0.4}),
@@ -182,17 +182,22 @@ def test_one_text_graph_leaves_where_the_chain_and_predict_early_do(learning_to_
     settings += [("learned", {"threshold": 0.5})] if learning_to_exit else []
     layers_seen = set()
     for policy, parameters in settings:
+        model.config.early_exit_policy = policy
+        runner = OnnxEarlyExitClassifier(export_onnx(model, tmp_path / policy))
         expected = model.predict_early(input_ids, attention_mask, policy=policy, **parameters)
         for row in range(len(input_ids)):
-            length = int(attention_mask[row].sum())
-            text = input_ids[row : row + 1, :length].numpy()
+            text = input_ids[row : row + 1, : int(attention_mask[row].sum())].numpy()
             got, chained = runner.predict(text, policy=policy, **parameters), chain.predict(text, policy=policy,
                                                                                             **parameters)
             assert got["exit_layers"].tolist() == chained["exit_layers"].tolist() == [
                 int(expected.sample_exit_layers[row])], (policy, parameters, row)
             np.testing.assert_allclose(got["logits"][0], expected.logits[row].numpy(), atol=1e-5, rtol=0)
             layers_seen.add(int(got["exit_layers"][0]))
+        assert runner.config["one_text_policy"] == policy  # so the one-text graph served these
     assert layers_seen == set(model.config.exit_layers)  # texts leave at every exit under some policy
+    other = runner.predict(input_ids[:1].numpy(), policy="de3", threshold=0.5)  # not the exported policy: the chain
+    assert other["exit_layers"].tolist() == chain.predict(input_ids[:1].numpy(), policy="de3",
+                                                          threshold=0.5)["exit_layers"].tolist()
 
 
 def test_one_text_graph_never_leaves_on_nan_and_refuses_a_nan_answer(tmp_path):
