@@ -9,6 +9,7 @@ pipeline).
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+from .budget import SpeedupBudget
 from .calibration import CalibrationResult, calibrate
 from .configuration_de3 import DE3BertConfig, DE3ConfigMixin, DE3RobertaConfig
 from .evaluation import ExitSignals, collect_exit_signals, evaluate_early_exit
@@ -59,6 +60,7 @@ __all__ = [
     "ExitPolicy",
     "ExitSignals",
     "SimulatedExits",
+    "SpeedupBudget",
     "ThresholdPolicy",
     "TrainingObjective",
     "build_exit_policy",

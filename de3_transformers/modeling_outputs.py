@@ -69,11 +69,14 @@ class DE3EarlyExitOutput(ModelOutput):
             carry an exit.)
         speedup (`float`):
             Layer speed-up over the batch, `M * N / sum(sample_exit_layers)` (docs/method.md eq. 12).
+        threshold (`float`, *optional*):
+            From `predict_dataset(..., target_speedup=...)`: the threshold the speed-up budget ended at.
     """
 
     logits: torch.FloatTensor | None = None
     sample_exit_layers: torch.LongTensor | None = None
     speedup: float | None = None
+    threshold: float | None = None
 
     @property
     def exit_layers(self) -> torch.LongTensor | None:
