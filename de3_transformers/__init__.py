@@ -27,6 +27,7 @@ from .modeling_outputs import DE3EarlyExitOutput, DE3SequenceClassifierOutput
 from .objectives import TrainingObjective, register_training_objective
 from .onnx_export import export_onnx
 from .pipeline_de3 import DE3TextClassificationPipeline, register_pipeline
+from .predictor import EarlyExitClassifier
 from .simulation import SimulatedExits, layer_speedup, simulate_policy
 from .trainer import DE3Trainer, DE3TrainingArguments
 
@@ -57,6 +58,7 @@ __all__ = [
     "DE3TextClassificationPipeline",
     "DE3Trainer",
     "DE3TrainingArguments",
+    "EarlyExitClassifier",
     "ExitPolicy",
     "ExitSignals",
     "SimulatedExits",

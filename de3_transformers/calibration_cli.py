@@ -127,9 +127,10 @@ def _print_table(result: CalibrationResult, metric_names: list[str]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
-def main(argv: list[str] | None = None) -> CalibrationResult:
-    """Command-line entry point: calibrate a saved DE3 model and save it with the chosen threshold and lambda."""
-    (args,) = HfArgumentParser(CalibrationArguments).parse_args_into_dataclasses(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> CalibrationResult:
+    """Command-line entry point: calibrate a saved DE3 model and save it with the chosen threshold and lambda (`prog`:
+    the command's name in its usage line)."""
+    (args,) = HfArgumentParser(CalibrationArguments, prog=prog).parse_args_into_dataclasses(argv)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path)
     if not hasattr(model, "prototype_memory"):
         raise ValueError(

@@ -4,6 +4,9 @@
 makes each batch hold texts of about the same length, so little of the work is padding; padding lengths up to a
 multiple of `pad_to_multiple_of` bounds the number of distinct tensor shapes, which keeps GPU kernels and the CPU
 allocator in a steady state over millions of texts. Results come back in the input order.
+
+[`BatchScorer`] holds a model on its backend and does this for any set of tokenized rows; [`predict_dataset`] runs
+it once over a dataset, `predictor.EarlyExitClassifier` once per batch of texts it is called on.
 """
 
 from collections.abc import Sequence
@@ -11,11 +14,138 @@ from collections.abc import Sequence
 import torch
 
 from .batching import pad_rows, progress
-from .modeling_outputs import DE3EarlyExitOutput
 from .budget import budget_for
 from .exit_policies import build_exit_policy
+from .modeling_outputs import DE3EarlyExitOutput
 from .onnx_backend import check_backend, onnx_config, onnx_runner
 from .simulation import layer_speedup
+
+
+class BatchScorer:
+    """A DE3 model on a backend, ready to score tokenized rows in length-sorted, padded batches; built once, called
+    for each set of rows.
+
+    Args:
+        model: a DE3 model; with `backend="onnxruntime"`, a `de3_onnx.OnnxEarlyExitClassifier` or the folder that
+            `export_onnx` wrote.
+        backend: `"pytorch"` (`model.predict_early`) or `"onnxruntime"` (the exported graphs, run by `de3_onnx`).
+        device: where to run (PyTorch); defaults to the model's device. The model is not moved. Unused on ONNX
+            Runtime, which runs on the runner's providers.
+
+    Attributes:
+        pad_token_id, max_sequence_length, num_hidden_layers: of the model (the padding id, its positions, its depth).
+        id2label: class id to label name.
+
+    Raises:
+        ValueError: for an unknown backend.
+        ImportError: for `backend="onnxruntime"` without `onnxruntime` (install `de3-transformers[onnx]`).
+        FileNotFoundError: for `backend="onnxruntime"` on a folder that holds no export.
+    """
+
+    def __init__(self, model, backend: str = "pytorch", device=None):
+        check_backend(backend)
+        self.backend = backend
+        if backend == "onnxruntime":
+            self.runner = onnx_runner(model)
+            settings = self.runner.config
+            self.pad_token_id = settings["pad_token_id"] or 0
+            self.max_sequence_length = settings["max_sequence_length"]
+            self.num_hidden_layers = settings["num_hidden_layers"]
+            self.id2label = dict(self.runner.id2label)
+            return
+        self.model = model
+        self.device = torch.device(device) if device is not None else model.device
+        config = model.config
+        self.pad_token_id = config.pad_token_id or 0
+        self.max_sequence_length = model.max_sequence_length
+        self.num_hidden_layers = config.num_hidden_layers
+        self.id2label = {int(index): name for index, name in config.id2label.items()}
+
+    @property
+    def config(self):
+        """The model config (on ONNX Runtime, the one saved with the export).
+
+        Raises:
+            FileNotFoundError: on ONNX Runtime, for an export written before `export_onnx` saved the config.
+        """
+        # Read only where needed (a budget): older exports did not save it.
+        return onnx_config(self.runner) if self.backend == "onnxruntime" else self.model.config
+
+    def run_batch(self, batch: dict[str, torch.Tensor], **predict_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Early exit on one padded batch (`batching.pad_rows`): `(logits [B, K], exit layers [B])` on the CPU.
+
+        Raises:
+            ValueError: what `predict_early` (or the ONNX Runtime runner) raises.
+        """
+        if self.backend == "onnxruntime":
+            result = self.runner.predict(**{name: tensor.numpy() for name, tensor in batch.items()}, **predict_kwargs)
+            return torch.from_numpy(result["logits"]), torch.from_numpy(result["exit_layers"])
+        result = self.model.predict_early(**{name: tensor.to(self.device) for name, tensor in batch.items()},
+                                          **predict_kwargs)
+        return result.logits.cpu(), result.sample_exit_layers.cpu()
+
+    def __call__(
+        self,
+        rows: Sequence,
+        batch_size: int = 64,
+        sort_by_length: bool = True,
+        pad_to_multiple_of: int | None = 8,
+        target_speedup: float | None = None,
+        progress_description: str | None = None,
+        **predict_kwargs,
+    ) -> DE3EarlyExitOutput:
+        """Scores every row, in batches of rows of similar length, and returns the results in the rows' order.
+
+        Args:
+            rows: a tokenized `datasets.Dataset` or a sequence of dicts with `input_ids` (and optionally
+                `attention_mask`, `token_type_ids`; other columns are ignored).
+            batch_size, sort_by_length, pad_to_multiple_of, target_speedup: as for [`predict_dataset`].
+            progress_description: shows a progress bar over the batches with this name; `None` shows none.
+            **predict_kwargs: `policy`, `threshold`, `lam`, `patience`, as for `predict_early`.
+
+        Returns:
+            [`DE3EarlyExitOutput`] with `logits` `[N, K]` and `sample_exit_layers` `[N]` on the CPU, the layer
+            speed-up over the rows and, with `target_speedup`, the `threshold` the budget ended at.
+
+        Raises:
+            ValueError: for no rows, a `batch_size` or `pad_to_multiple_of` below 1, rows without `input_ids`, a
+                budget for a policy without a threshold or a target out of range, or what `predict_early` (or the
+                ONNX Runtime runner) raises.
+        """
+        if batch_size < 1 or (pad_to_multiple_of is not None and pad_to_multiple_of < 1):
+            raise ValueError(f"batch_size={batch_size} and pad_to_multiple_of={pad_to_multiple_of} must be >= 1.")
+        if len(rows) == 0:
+            raise ValueError("The dataset is empty.")
+        if "input_ids" not in rows[0]:
+            raise ValueError(f"Rows need input_ids (tokenized texts); the first row has {sorted(rows[0])}.")
+        budget = None
+        if target_speedup is not None:
+            config = self.config
+            budget = budget_for(build_exit_policy(config, **predict_kwargs), target_speedup, config)
+        rows = list(rows)
+        lengths = torch.tensor([torch.as_tensor(row["input_ids"]).numel() for row in rows])
+        order = torch.argsort(lengths, descending=True, stable=True) if sort_by_length else torch.arange(len(rows))
+        logits, exit_layers = None, torch.empty(len(rows), dtype=torch.long)
+        chunks = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+        if budget is not None and sort_by_length:
+            shuffled = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(0))
+            chunks = [chunks[index] for index in shuffled]
+        for chunk in chunks if progress_description is None else progress(chunks, progress_description):
+            length = int(lengths[chunk].max())
+            if pad_to_multiple_of is not None:
+                length = max(length, min(-(-length // pad_to_multiple_of) * pad_to_multiple_of,
+                                         self.max_sequence_length))
+            options = predict_kwargs if budget is None else {**predict_kwargs, "threshold": budget.threshold}
+            batch = pad_rows([rows[index] for index in chunk.tolist()], self.pad_token_id, length)
+            batch_logits, batch_layers = self.run_batch(batch, **options)
+            if budget is not None:
+                budget.update(batch_layers)
+            if logits is None:
+                logits = torch.empty(len(rows), batch_logits.shape[-1], dtype=batch_logits.dtype)
+            logits[chunk], exit_layers[chunk] = batch_logits, batch_layers
+        return DE3EarlyExitOutput(logits=logits, sample_exit_layers=exit_layers,
+                                  speedup=layer_speedup(exit_layers, self.num_hidden_layers),
+                                  threshold=None if budget is None else budget.threshold)
 
 
 def predict_dataset(
@@ -60,63 +190,9 @@ def predict_dataset(
             what `predict_early` (or the ONNX Runtime runner) raises.
         ImportError: for `backend="onnxruntime"` without `onnxruntime` (install `de3-transformers[onnx]`).
     """
-    if batch_size < 1 or (pad_to_multiple_of is not None and pad_to_multiple_of < 1):
-        raise ValueError(f"batch_size={batch_size} and pad_to_multiple_of={pad_to_multiple_of} must be >= 1.")
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty.")
-    if "input_ids" not in dataset[0]:
-        raise ValueError(f"Rows need input_ids (tokenized texts); the first row has {sorted(dataset[0])}.")
-    run, pad, max_length, num_layers, config = _early_exit_backend(model, backend, device)
-    budget = None
-    if target_speedup is not None:
-        budget = budget_for(build_exit_policy(config(), **predict_kwargs), target_speedup, config())
-    rows = list(dataset)
-    lengths = torch.tensor([torch.as_tensor(row["input_ids"]).numel() for row in rows])
-    order = torch.argsort(lengths, descending=True, stable=True) if sort_by_length else torch.arange(len(rows))
-    logits, exit_layers = None, torch.empty(len(rows), dtype=torch.long)
-    chunks = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-    if budget is not None and sort_by_length:
-        chunks = [chunks[index] for index in torch.randperm(len(chunks), generator=torch.Generator().manual_seed(0))]
-    for chunk in progress(chunks, "Early-exit inference"):
-        length = int(lengths[chunk].max())
-        if pad_to_multiple_of is not None:
-            length = max(length, min(-(-length // pad_to_multiple_of) * pad_to_multiple_of, max_length))
-        options = predict_kwargs if budget is None else {**predict_kwargs, "threshold": budget.threshold}
-        batch_logits, batch_layers = run(pad_rows([rows[index] for index in chunk.tolist()], pad, length), options)
-        if budget is not None:
-            budget.update(batch_layers)
-        if logits is None:
-            logits = torch.empty(len(rows), batch_logits.shape[-1], dtype=batch_logits.dtype)
-        logits[chunk], exit_layers[chunk] = batch_logits, batch_layers
-    return DE3EarlyExitOutput(logits=logits, sample_exit_layers=exit_layers,
-                              speedup=layer_speedup(exit_layers, num_layers),
-                              threshold=None if budget is None else budget.threshold)
+    scorer = BatchScorer(model, backend=backend, device=device)
+    return scorer(dataset, batch_size=batch_size, sort_by_length=sort_by_length, pad_to_multiple_of=pad_to_multiple_of,
+                  target_speedup=target_speedup, progress_description="Early-exit inference", **predict_kwargs)
 
 
-def _early_exit_backend(model, backend: str, device):
-    """`(run, pad_token_id, max_sequence_length, num_hidden_layers, config)` of a backend: `run(batch, options)` maps a
-    padded batch to CPU `(logits, exit layers)` with the exit options (`policy`, `threshold`, ...), `config()` gives
-    the model config."""
-    check_backend(backend)
-    if backend == "onnxruntime":
-        runner = onnx_runner(model)
-
-        def run_onnx(batch, options):
-            result = runner.predict(**{name: tensor.numpy() for name, tensor in batch.items()}, **options)
-            return torch.from_numpy(result["logits"]), torch.from_numpy(result["exit_layers"])
-
-        settings = runner.config
-        # The model config saved with the export is read only for a budget: older exports did not save it.
-        return (run_onnx, settings["pad_token_id"] or 0, settings["max_sequence_length"],
-                settings["num_hidden_layers"], lambda: onnx_config(runner))
-    device = torch.device(device) if device is not None else model.device
-
-    def run(batch, options):
-        result = model.predict_early(**{name: tensor.to(device) for name, tensor in batch.items()}, **options)
-        return result.logits.cpu(), result.sample_exit_layers.cpu()
-
-    config = model.config
-    return run, config.pad_token_id or 0, model.max_sequence_length, config.num_hidden_layers, lambda: config
-
-
-__all__ = ["predict_dataset"]
+__all__ = ["BatchScorer", "predict_dataset"]

@@ -1,0 +1,188 @@
+"""The predict command: the input rows, in order, with the predictions added; an interrupted run (killed with
+SIGKILL) resumes without scoring finished chunks again and writes what an uninterrupted run writes; a run with other
+input or arguments refuses to resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from de3_transformers import EarlyExitClassifier
+from de3_transformers.__main__ import main as package_main
+from de3_transformers.data import load_glue_task
+from de3_transformers.predict_cli import PROGRESS_NAME, main
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+ROWS, CHUNK = 240, 12
+
+
+@pytest.fixture(scope="module")
+def sst2_csv(glue_dir, tmp_path_factory):
+    """240 SST-2 dev sentences and their gold labels, as a csv file."""
+    rows = load_glue_task("sst2", glue_dir)["validation"].select(range(ROWS))
+    path = tmp_path_factory.mktemp("input") / "sst2.csv"
+    pd.DataFrame({"sentence": rows["sentence"], "label": rows["label"]}).to_csv(path, index=False)
+    return path
+
+
+def arguments(checkpoint, input_file, output_file, *extra) -> list[str]:
+    return ["--model", str(checkpoint), "--input_file", str(input_file), "--output_file", str(output_file),
+            "--text_column", "sentence", "--column_prefix", "predicted_", "--chunk_size", str(CHUNK),
+            "--batch_size", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(minilm_checkpoint, sst2_csv, tmp_path_factory):
+    """The output of one run from start to end."""
+    output = tmp_path_factory.mktemp("uninterrupted") / "scored.csv"
+    main(arguments(minilm_checkpoint, sst2_csv, output))
+    return pd.read_csv(output)
+
+
+def test_output_is_the_input_rows_in_order_with_the_predictions_added(minilm_checkpoint, sst2_csv, uninterrupted):
+    source = pd.read_csv(sst2_csv)
+    assert list(uninterrupted.columns) == ["sentence", "label", "predicted_label", "predicted_score",
+                                           "predicted_exit_layer"]
+    pd.testing.assert_frame_equal(uninterrupted[["sentence", "label"]], source)
+    sample = uninterrupted.iloc[3::10]  # rows of every chunk, each at another place in its chunk
+    expected = EarlyExitClassifier.from_pretrained(minilm_checkpoint, device="cpu", batch_size=8)(
+        sample["sentence"].tolist())
+    assert sample["predicted_label"].tolist() == [answer["label"] for answer in expected]
+    assert sample["predicted_exit_layer"].tolist() == [answer["exit_layer"] for answer in expected]
+    assert sample["predicted_score"].tolist() == pytest.approx([answer["score"] for answer in expected], abs=1e-5)
+    assert uninterrupted["predicted_exit_layer"].nunique() >= 2
+
+
+def test_a_killed_run_resumes_without_scoring_finished_chunks_again(minilm_checkpoint, sst2_csv, uninterrupted,
+                                                                    tmp_path, capsys):
+    output = tmp_path / "scored.csv"
+    record = tmp_path / "scored.csv.partial" / PROGRESS_NAME
+    command = [sys.executable, "-m", "de3_transformers", "predict", *arguments(minilm_checkpoint, sst2_csv, output)]
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1"}
+    with open(tmp_path / "log.txt", "wb") as log:
+        process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            if record.is_file() and json.loads(record.read_text())["chunks_done"] >= 3:  # written atomically
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-3000:]
+    done = json.loads(record.read_text())["chunks_done"]
+    assert 3 <= done < ROWS // CHUNK and not output.exists()
+
+    capsys.readouterr()
+    main(arguments(minilm_checkpoint, sst2_csv, output))
+    printed = capsys.readouterr().out
+    assert f"{done} of {ROWS // CHUNK} chunks ({done * CHUNK} texts) were scored by an earlier run" in printed
+    assert f"This run scored {ROWS - done * CHUNK} in" in printed  # the finished chunks were not scored again
+    resumed = pd.read_csv(output)
+    pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=False, atol=1e-6, rtol=0)
+    assert not record.parent.exists()
+
+
+def interrupt_after(monkeypatch, calls: int):
+    """Makes the classifier fail on its `calls + 1`-th batch, as a run that stops there."""
+    original, seen = EarlyExitClassifier.predict, []
+
+    def predict(self, *args, **kwargs):
+        seen.append(1)
+        if len(seen) > calls:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EarlyExitClassifier, "predict", predict)
+
+
+def test_a_run_with_other_input_or_arguments_refuses_to_resume(minilm_checkpoint, sst2_csv, tmp_path, monkeypatch,
+                                                                capsys):
+    source = tmp_path / "small.csv"
+    pd.read_csv(sst2_csv).head(60).to_csv(source, index=False)
+    output = tmp_path / "scored.csv"
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            main(arguments(minilm_checkpoint, source, output))
+    with pytest.raises(ValueError, match=r"another threshold \(it was \{'threshold': None\}\).*remove that folder"):
+        main(arguments(minilm_checkpoint, source, output, "--threshold", "0.5"))
+    original = source.read_bytes()
+    source.write_bytes(original.replace(b"charming", b"dull"))
+    with pytest.raises(ValueError, match="another input_sha256"):
+        main(arguments(minilm_checkpoint, source, output))
+    source.write_bytes(original)
+    capsys.readouterr()
+    main(arguments(minilm_checkpoint, source, output))
+    assert f"2 of {60 // CHUNK} chunks ({2 * CHUNK} texts) were scored by an earlier run" in capsys.readouterr().out
+    assert len(pd.read_csv(output)) == 60
+
+
+def test_formats_are_read_and_written_as_asked(minilm_checkpoint, tmp_path):
+    texts = ['he said "no" , twice ', "a , comma", "null", "NA"]  # quotes, commas, and texts pandas reads as missing
+    source = tmp_path / "texts.tsv"
+    source.write_text("text\tid\n" + "".join(f"{text}\t{index}\n" for index, text in enumerate(texts)))
+    main(["--model", str(minilm_checkpoint), "--input_file", str(source), "--output_file", str(tmp_path / "out.tsv")])
+    main(["--model", str(minilm_checkpoint), "--input_file", str(source), "--output_file", str(tmp_path / "out.jsonl")])
+    main(["--model", str(minilm_checkpoint), "--input_file", str(tmp_path / "out.jsonl"), "--output_file",
+          str(tmp_path / "again"), "--output_format", "parquet", "--column_prefix", "second_"])
+    tsv = (tmp_path / "out.tsv").read_text().splitlines()
+    assert tsv[0] == "text\tid\tlabel\tscore\texit_layer"
+    assert [line.split("\t")[:2] for line in tsv[1:]] == [[text, str(index)] for index, text in enumerate(texts)]
+    jsonl = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["text"] for row in jsonl] == texts and [row["id"] for row in jsonl] == [0, 1, 2, 3]
+    parquet = pd.read_parquet(tmp_path / "again")
+    assert parquet["text"].tolist() == texts and parquet["second_label"].tolist() == parquet["label"].tolist()
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (["--text_column", "missing"], ValueError, r"no column 'missing' .*pass --text_column"),
+    (["--text_column", "label"], ValueError, "holds int64 values, not texts"),
+    (["--column_prefix", ""], ValueError, r"already has the column\(s\) \['label'\].*--column_prefix"),
+    (["--output_format", "xlsx"], ValueError, "--output_format 'xlsx' is unknown"),
+    (["--chunk_size", "0"], ValueError, "--chunk_size 0 must be a positive integer"),
+    (["--backend", "onnxruntime", "--device", "cpu"], ValueError, "--device applies to --backend pytorch"),
+])
+def test_bad_arguments_are_refused_naming_the_fix(minilm_checkpoint, sst2_csv, tmp_path, extra, error, message):
+    with pytest.raises(error, match=message):
+        main(arguments(minilm_checkpoint, sst2_csv, tmp_path / "out.csv", *extra))
+    assert list(tmp_path.iterdir()) == []  # refused before any work was saved
+
+
+def test_missing_texts_are_listed(minilm_checkpoint, tmp_path):
+    source = tmp_path / "gaps.csv"
+    source.write_text('id,text\n0,fine\n1,\n2,also fine\n3,""\n')
+    with pytest.raises(ValueError, match=r"2 missing texts \(rows \[1, 3\].*fill or drop"):
+        main(["--model", str(minilm_checkpoint), "--input_file", str(source), "--output_file", str(tmp_path / "o.csv")])
+
+
+def test_an_existing_output_is_replaced_only_when_asked(minilm_checkpoint, sst2_csv, tmp_path):
+    source = tmp_path / "small.csv"
+    pd.read_csv(sst2_csv).head(5).to_csv(source, index=False)
+    output = tmp_path / "scored.csv"
+    output.write_text("keep me")
+    with pytest.raises(FileExistsError, match="--overwrite_output_file"):
+        main(arguments(minilm_checkpoint, source, output))
+    assert output.read_text() == "keep me"
+    main(arguments(minilm_checkpoint, source, output, "--overwrite_output_file"))
+    assert len(pd.read_csv(output)) == 5
+
+
+def test_the_package_runs_its_commands_and_installs_de3_predict(capsys):
+    tomllib = pytest.importorskip("tomllib")
+    assert package_main([]) == 2 and "predict" in capsys.readouterr().err
+    assert package_main(["train"]) == 2 and "unknown command 'train'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        package_main(["predict", "--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: python -m de3_transformers predict") and "--chunk_size" in usage
+    scripts = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]["scripts"]
+    module, name = scripts["de3-predict"].split(":")
+    assert getattr(__import__(module, fromlist=[name]), name) is main
