@@ -298,7 +298,8 @@ def _assemble(data: datasets.Dataset, work: Path, record: dict, args: PredictArg
 
 def _print_summary(summary: PredictionSummary, args: PredictArguments) -> None:
     labels = ", ".join(f"{name} {count}" for name, count in summary.label_counts.items())
-    print(f"Scored {summary.texts} texts of {args.input_file}: layer speed-up {summary.speedup:.2f}x; labels: {labels}.")
+    print(f"Scored {summary.texts} texts of {args.input_file}: layer speed-up {summary.speedup:.2f}x; "
+          f"labels: {labels}.")
     resumed = f"; {summary.texts_resumed} were scored by an earlier run" if summary.texts_resumed else ""
     print(f"This run scored {summary.texts_scored} in {summary.seconds:.2f} s, {summary.texts_per_second:.1f} "
           f"texts/s{resumed}.")

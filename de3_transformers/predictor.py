@@ -197,7 +197,9 @@ class EarlyExitClassifier:
         raise TypeError(f"EarlyExitClassifier takes a list of texts, a pandas DataFrame or a mapping of columns, not "
                         f"{type(inputs).__name__}{hint}.")
 
-    def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> tuple[list[str], list[float], list[int]]:
+    def predict(
+        self, texts: list[str], text_pairs: list[str] | None = None
+    ) -> tuple[list[str], list[float], list[int]]:
         """The three new columns for `texts` (and `text_pairs`), in their order: label names, scores, exit layers.
 
         Raises:

@@ -20,7 +20,7 @@ from de3_transformers.predict_cli import PROGRESS_NAME, main
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-ROWS, CHUNK = 240, 12
+ROWS, CHUNK = 240, 6  # 40 chunks: a kill lands in the middle even on a fast machine
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_output_is_the_input_rows_in_order_with_the_predictions_added(minilm_che
 
 
 def test_a_killed_run_resumes_without_scoring_finished_chunks_again(minilm_checkpoint, sst2_csv, uninterrupted,
-                                                                    tmp_path, capsys):
+                                                                    tmp_path, capsys, monkeypatch):
     output = tmp_path / "scored.csv"
     record = tmp_path / "scored.csv.partial" / PROGRESS_NAME
     command = [sys.executable, "-m", "de3_transformers", "predict", *arguments(minilm_checkpoint, sst2_csv, output)]
@@ -79,9 +79,13 @@ def test_a_killed_run_resumes_without_scoring_finished_chunks_again(minilm_check
     done = json.loads(record.read_text())["chunks_done"]
     assert 3 <= done < ROWS // CHUNK and not output.exists()
 
+    original, scored = EarlyExitClassifier.predict, []
+    monkeypatch.setattr(EarlyExitClassifier, "predict",
+                        lambda self, texts, pairs=None: scored.extend(texts) or original(self, texts, pairs))
     capsys.readouterr()
     main(arguments(minilm_checkpoint, sst2_csv, output))
     printed = capsys.readouterr().out
+    assert scored == pd.read_csv(sst2_csv)["sentence"].tolist()[done * CHUNK :]  # the rest, each once
     assert f"{done} of {ROWS // CHUNK} chunks ({done * CHUNK} texts) were scored by an earlier run" in printed
     assert f"This run scored {ROWS - done * CHUNK} in" in printed  # the finished chunks were not scored again
     resumed = pd.read_csv(output)

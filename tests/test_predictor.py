@@ -4,7 +4,6 @@ label, score and exit layer `predict_early` gives it alone, in the input order, 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
