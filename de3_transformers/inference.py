@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from .batching import pad_rows, progress
-from .budget import budget_for
+from .budget import SpeedupBudget, budget_for
 from .exit_policies import build_exit_policy
 from .modeling_outputs import DE3EarlyExitOutput
 from .onnx_backend import check_backend, onnx_config, onnx_runner
@@ -71,6 +71,17 @@ class BatchScorer:
         # Read only where needed (a budget): older exports did not save it.
         return onnx_config(self.runner) if self.backend == "onnxruntime" else self.model.config
 
+    def make_budget(self, target_speedup: float, **predict_kwargs) -> SpeedupBudget:
+        """A [`SpeedupBudget`] for this model at `target_speedup`, starting at the threshold of the exit options
+        (`policy`, `threshold`, ...; by default the calibrated one).
+
+        Raises:
+            ValueError: for a policy without a threshold or a target out of range; as `build_exit_policy`.
+            FileNotFoundError: as [`config`].
+        """
+        config = self.config
+        return budget_for(build_exit_policy(config, **predict_kwargs), target_speedup, config)
+
     def run_batch(self, batch: dict[str, torch.Tensor], **predict_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Early exit on one padded batch (`batching.pad_rows`): `(logits [B, K], exit layers [B])` on the CPU.
 
@@ -92,6 +103,7 @@ class BatchScorer:
         pad_to_multiple_of: int | None = 8,
         target_speedup: float | None = None,
         progress_description: str | None = None,
+        budget: SpeedupBudget | None = None,
         **predict_kwargs,
     ) -> DE3EarlyExitOutput:
         """Scores every row, in batches of rows of similar length, and returns the results in the rows' order.
@@ -101,6 +113,8 @@ class BatchScorer:
                 `attention_mask`, `token_type_ids`; other columns are ignored).
             batch_size, sort_by_length, pad_to_multiple_of, target_speedup: as for [`predict_dataset`].
             progress_description: shows a progress bar over the batches with this name; `None` shows none.
+            budget: a [`SpeedupBudget`] carried over calls (from [`make_budget`]), instead of `target_speedup`: its
+                threshold is used and updated, so the running speed-up holds over every call.
             **predict_kwargs: `policy`, `threshold`, `lam`, `patience`, as for `predict_early`.
 
         Returns:
@@ -109,8 +123,8 @@ class BatchScorer:
 
         Raises:
             ValueError: for no rows, a `batch_size` or `pad_to_multiple_of` below 1, rows without `input_ids`, a
-                budget for a policy without a threshold or a target out of range, or what `predict_early` (or the
-                ONNX Runtime runner) raises.
+                budget for a policy without a threshold or a target out of range, both `target_speedup` and
+                `budget`, or what `predict_early` (or the ONNX Runtime runner) raises.
         """
         if batch_size < 1 or (pad_to_multiple_of is not None and pad_to_multiple_of < 1):
             raise ValueError(f"batch_size={batch_size} and pad_to_multiple_of={pad_to_multiple_of} must be >= 1.")
@@ -118,10 +132,10 @@ class BatchScorer:
             raise ValueError("The dataset is empty.")
         if "input_ids" not in rows[0]:
             raise ValueError(f"Rows need input_ids (tokenized texts); the first row has {sorted(rows[0])}.")
-        budget = None
         if target_speedup is not None:
-            config = self.config
-            budget = budget_for(build_exit_policy(config, **predict_kwargs), target_speedup, config)
+            if budget is not None:
+                raise ValueError("Give target_speedup or a budget carried over calls, not both.")
+            budget = self.make_budget(target_speedup, **predict_kwargs)
         rows = list(rows)
         lengths = torch.tensor([torch.as_tensor(row["input_ids"]).numel() for row in rows])
         order = torch.argsort(lengths, descending=True, stable=True) if sort_by_length else torch.arange(len(rows))

@@ -63,12 +63,16 @@ class EarlyExitClassifier:
         pad_to_multiple_of: as for `predict_dataset`.
         policy, threshold, lam, patience: the exit policy and its parameters, as for `predict_early`; by default the
             checkpoint's calibrated ones (`config.early_exit_*`).
+        target_speedup: hold this layer speed-up over every text the classifier scores, with a speed-up budget
+            (`SpeedupBudget`, docs/method.md section 6.6) that starts at the threshold above and adapts batch by
+            batch when the texts differ from the calibration data; `threshold` tells where it stands.
 
     Raises:
         ValueError: for an unknown backend, a `batch_size`, `max_length` or `pad_to_multiple_of` below 1, a
             `max_length` beyond the model's positions, a model that is not a DE3 model, `device` with
             `backend="onnxruntime"`, or exit options that `predict_early` (or the ONNX Runtime runner) refuses
-            (unknown policy, parameter out of range, another policy without its threshold).
+            (unknown policy, parameter out of range, another policy without its threshold), a `target_speedup` out
+            of range or for a policy without a threshold.
         TypeError: for a model object given without its tokenizer, or an exit parameter given as a tensor.
         OSError: when the checkpoint or its tokenizer cannot be loaded.
         ImportError: for `backend="onnxruntime"` without `onnxruntime` (install `de3-transformers[onnx]`).
@@ -90,6 +94,7 @@ class EarlyExitClassifier:
         threshold: float | None = None,
         lam: float | None = None,
         patience: int | None = None,
+        target_speedup: float | None = None,
     ):
         check_backend(backend)
         for name, value in (("batch_size", batch_size), ("max_length", max_length),
@@ -106,6 +111,7 @@ class EarlyExitClassifier:
             self.scorer.runner.build_policy(**self.exit_options)
         else:
             build_exit_policy(model.config, **self.exit_options)
+        self.budget = None if target_speedup is None else self.scorer.make_budget(target_speedup, **self.exit_options)
         if max_length is not None and max_length > self.scorer.max_sequence_length:
             raise ValueError(f"max_length={max_length} exceeds the {self.scorer.max_sequence_length} positions of the "
                              "model; pass at most that.")
@@ -115,7 +121,7 @@ class EarlyExitClassifier:
         self.max_length = max_length or self.scorer.max_sequence_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.output_columns = tuple(column_prefix + name for name in PREDICTION_COLUMNS)
-        self._lock = threading.Lock()
+        self._lock, self._budget_lock = threading.Lock(), threading.Lock()
         self._texts_scored = self._layers_run = 0
 
     @classmethod
@@ -134,6 +140,11 @@ class EarlyExitClassifier:
         return self.scorer.num_hidden_layers
 
     @property
+    def threshold(self) -> float | None:
+        """With `target_speedup`: the threshold the speed-up budget has reached (used for the next batch)."""
+        return None if self.budget is None else self.budget.threshold
+
+    @property
     def texts_scored(self) -> int:
         """Texts classified so far, over all calls."""
         return self._texts_scored
@@ -150,11 +161,11 @@ class EarlyExitClassifier:
             texts, layers = self._texts_scored, self._layers_run
         return self.num_hidden_layers * texts / layers if layers else 1.0
 
-    def __getstate__(self) -> dict:  # picklable (datasets hashes the functions given to map), the lock aside
-        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
+    def __getstate__(self) -> dict:  # picklable (datasets hashes the functions given to map), the locks aside
+        return {name: value for name, value in self.__dict__.items() if name not in ("_lock", "_budget_lock")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _lock=threading.Lock())
+        self.__dict__.update(state, _lock=threading.Lock(), _budget_lock=threading.Lock())
 
     def reset_counts(self) -> None:
         """Starts `texts_scored`, `layers_run` and `speedup` afresh."""
@@ -212,8 +223,13 @@ class EarlyExitClassifier:
             return [], [], []
         encoded = self.tokenizer(texts, text_pairs, truncation=True, max_length=self.max_length)
         rows = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
-        output = self.scorer(rows, batch_size=self.batch_size, pad_to_multiple_of=self.pad_to_multiple_of,
-                             **self.exit_options)
+        if self.budget is None:
+            output = self.scorer(rows, batch_size=self.batch_size, pad_to_multiple_of=self.pad_to_multiple_of,
+                                 **self.exit_options)
+        else:
+            with self._budget_lock:  # one budget, updated batch by batch: calls from several threads take turns
+                output = self.scorer(rows, batch_size=self.batch_size, pad_to_multiple_of=self.pad_to_multiple_of,
+                                     budget=self.budget, **self.exit_options)
         scores, ids = torch.softmax(output.logits.float(), dim=-1).max(dim=-1)
         layers = output.sample_exit_layers.tolist()
         with self._lock:

@@ -80,3 +80,20 @@ def test_predict_dataset_holds_a_target_on_both_backends(minilm_checkpoint, glue
     assert on_onnx.threshold == pytest.approx(held.threshold)
     with pytest.raises(ValueError, match="no threshold to adapt"):
         predict_dataset(model, rows[:8], target_speedup=2.0, policy="patience", patience=2)
+
+
+def test_the_predictor_carries_one_budget_over_its_calls(minilm_checkpoint, glue_dir):
+    from de3_transformers import EarlyExitClassifier
+
+    sentences = load_glue_task("sst2", glue_dir)["validation"]["sentence"][:384]
+    plain = EarlyExitClassifier.from_pretrained(minilm_checkpoint, device="cpu", batch_size=32)
+    held = EarlyExitClassifier.from_pretrained(minilm_checkpoint, device="cpu", batch_size=32, target_speedup=3.0)
+    assert plain.threshold is None and held.threshold == pytest.approx(plain.scorer.config.early_exit_threshold)
+    for start in range(0, len(sentences), 48):  # calls as Ray Data or a server would make them
+        plain(sentences[start : start + 48])
+        held(sentences[start : start + 48])
+    assert abs(held.speedup - 3.0) < abs(plain.speedup - 3.0) / 3
+    assert held.threshold == held.budget.threshold and held.budget.texts == len(sentences)
+    with pytest.raises(ValueError, match="no threshold to adapt"):
+        EarlyExitClassifier.from_pretrained(minilm_checkpoint, device="cpu", policy="patience", patience=2,
+                                            target_speedup=2.0)
