@@ -88,6 +88,21 @@ class SpeedupBudget:
         """The running layer speed-up over every text scored so far (1.0 before the first)."""
         return self.num_layers * self.texts / self.layers if self.layers else 1.0
 
+    def state_dict(self) -> dict:
+        """The state a budget carried on elsewhere needs (plain numbers, for a JSON progress record): the threshold for
+        the next batch and the texts and layers counted so far."""
+        return {"threshold": self.threshold, "texts": self.texts, "layers": self.layers}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from what [`state_dict`] gave, so that the next batches get the thresholds they would have got in
+        the run that saved it (`thresholds` then starts over from this threshold).
+
+        Raises:
+            KeyError: for a state without `threshold`, `texts` or `layers`.
+        """
+        self.threshold, self.texts, self.layers = float(state["threshold"]), int(state["texts"]), int(state["layers"])
+        self.thresholds = [self.threshold]
+
     def update(self, exit_layers: torch.Tensor) -> float:
         """Takes the exit layers of a batch scored at the current threshold; returns the threshold for the next."""
         count, spent = exit_layers.numel(), int(exit_layers.sum())

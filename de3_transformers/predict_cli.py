@@ -9,28 +9,49 @@ counts as done: no row is scored twice, none is lost (a chunk cut off half way i
 shard replaced). The record holds a fingerprint of the input file, the model's files and the arguments that decide the
 answers; a run whose fingerprint differs refuses to resume. At the end the output is written (atomically) and the
 work folder removed.
+
+Several processes share the work when a launcher starts them: `torchrun --nproc_per_node N -m de3_transformers
+predict ...` (or `accelerate launch`). Process `r` of `N` scores chunks `r, r + N, ...` with its own model (on
+`cuda:LOCAL_RANK` where there are GPUs) and keeps its own progress record; process 0 then writes the same output, in
+the same order, as one process would, and prints the summary of all. A resumed run skips every chunk an earlier run
+finished, whichever process did it, also with another number of processes. The work folder must be one all processes
+see (on several machines, a shared file system).
+
+With `--target_speedup`, a speed-up budget adapts the exit threshold batch by batch so that the running layer speed-up
+holds the target (`EarlyExitClassifier(target_speedup=)`); each process has its own. The budget's state is saved with
+each chunk, so a resumed run continues it and writes what an uninterrupted run writes (with the same number of
+processes: a run with another number refuses to resume).
 """
 
 import csv
-import hashlib
-import json
+import math
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
-import pyarrow.parquet as pq
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from .onnx_backend import check_backend
+from .predict_work import (
+    PROGRESS_NAME,
+    new_record,
+    read_records,
+    read_shards,
+    remove_work,
+    sha256,
+    write_record,
+    write_shard,
+)
 from .predictor import PREDICTION_COLUMNS, EarlyExitClassifier
+from .process_group import Processes
 
 
-PROGRESS_NAME = "progress.json"
 # Reading options per file format (`datasets.load_dataset` builder and its options). Only empty cells are missing
 # values: pandas' defaults would also read texts such as "NA", "null" or "nan" as missing. TSV files are read as GLUE
 # writes them, without quoting (`data.load_local_files` does the same).
@@ -42,9 +63,10 @@ _READERS = {
     "parquet": ("parquet", {}),
 }
 FORMATS = tuple(_READERS)
+logger = logging.get_logger(__name__)
 # What makes two runs give the same answers for the same rows: a run resumes only the work of a run that agreed on all.
 _FINGERPRINTED = ("text_column", "text_pair_column", "backend", "max_length", "policy", "threshold", "lam", "patience",
-                  "chunk_size")
+                  "target_speedup", "chunk_size")
 
 
 @dataclass
@@ -73,6 +95,8 @@ class PredictArguments:
     threshold: float | None = field(default=None, metadata={"help": "The policy's threshold (default: calibrated)."})
     lam: float | None = field(default=None, metadata={"help": "EDR lambda of the de3 policy (default: calibrated)."})
     patience: int | None = field(default=None, metadata={"help": "Patience of the patience policies."})
+    target_speedup: float | None = field(default=None, metadata={"help": "Hold this layer speed-up over the whole "
+                                                                        "file: the threshold adapts batch by batch."})
     column_prefix: str = field(default="", metadata={"help": "Put before the new columns' names, e.g. predicted_ "
                                                              "when the input already has a label column."})
     output_format: str | None = field(default=None, metadata={"help": "csv, tsv, jsonl or parquet."})
@@ -108,8 +132,10 @@ class PredictArguments:
 @dataclass
 class PredictionSummary:
     """What a run of the predict command did: `texts` rows in the output, of which `texts_scored` were scored by this
-    run (in `seconds`) and `texts_resumed` by an earlier, interrupted one; the layer speed-up and label counts are over
-    all rows."""
+    run (in `seconds`, by the slowest of its `processes`; `texts_scored_per_process` by rank) and `texts_resumed` by
+    an earlier, interrupted one; the layer speed-up and label counts are over all rows. With `target_speedup`, the
+    budget's threshold started at `start_threshold` and ended at `thresholds`, each process's budget having reached
+    `budget_speedups` over its texts (by rank)."""
 
     texts: int
     texts_scored: int
@@ -119,6 +145,12 @@ class PredictionSummary:
     speedup: float
     label_counts: dict[str, int]
     output_file: str
+    processes: int = 1
+    texts_scored_per_process: list[int] = field(default_factory=list)
+    target_speedup: float | None = None
+    start_threshold: float | None = None
+    thresholds: list[float] | None = None
+    budget_speedups: list[float] | None = None
 
 
 def read_table(path, file_format: str) -> datasets.Dataset:
@@ -140,13 +172,16 @@ def write_table(dataset: datasets.Dataset, path, file_format: str) -> None:
         dataset.to_parquet(path)
 
 
-def fingerprint(args: PredictArguments) -> dict:
+def fingerprint(args: PredictArguments, world_size: int = 1) -> dict:
     """The settings a run resumes only if they are unchanged: SHA-256 of the input file and of the model's files (a
-    local folder; a Hub name as given), and the arguments that decide the answers or the chunks."""
+    local folder; a Hub name as given), and the arguments that decide the answers or the chunks; with a speed-up
+    budget also the number of processes, as each process's budget depends on the chunks it is given."""
     settings = {name: getattr(args, name) for name in _FINGERPRINTED}
-    settings["input_sha256"] = _sha256([Path(args.input_file)])
+    if args.target_speedup is not None:
+        settings["world_size"] = world_size
+    settings["input_sha256"] = sha256([Path(args.input_file)])
     model = Path(args.model)
-    settings["model_sha256"] = (_sha256(sorted(path for path in model.rglob("*") if path.is_file()), root=model)
+    settings["model_sha256"] = (sha256(sorted(path for path in model.rglob("*") if path.is_file()), root=model)
                                 if model.is_dir() else args.model)
     return settings
 
@@ -158,46 +193,93 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     predict(args)
 
 
-def predict(args: PredictArguments) -> PredictionSummary:
+def predict(args: PredictArguments) -> PredictionSummary | None:
     """Scores `args.input_file` into `args.output_file`, resuming an interrupted run of the same arguments, and prints
-    a summary.
+    a summary. Under a launcher (`WORLD_SIZE` above 1) each process scores its share of the chunks; process 0 writes
+    the output, prints the summary and returns it, the others return `None` (when the output is written).
 
     Raises:
         ValueError: for a text column missing or holding other values than texts (a missing value), a new column that
-            is already in the input (pass --column_prefix), an empty input, exit options the model refuses, or a work
-            folder left by a run with another input, model or arguments.
+            is already in the input (pass --column_prefix), an empty input, exit options the model refuses (also a
+            `target_speedup` out of range or for a policy without a threshold), or a work folder left by a run with
+            another input, model or arguments (or, with `target_speedup`, another number of processes).
         FileExistsError: when the output file exists and no run of these arguments is to be resumed (pass
             --overwrite_output_file).
+        RuntimeError: as `Processes.from_environment`.
     """
-    data = read_table(args.input_file, args.input_format)
+    processes = Processes.from_environment()
+    try:
+        return _predict(args, processes)
+    finally:
+        processes.close()
+
+
+def _predict(args: PredictArguments, processes: Processes) -> PredictionSummary | None:
+    if processes.rank > 0:  # process 0 reports for all; the others print only errors
+        _quiet()
+    with processes.first():  # process 0 fills the datasets cache, the others read from it
+        data = read_table(args.input_file, args.input_format)
     _check_input(data, args)
     output = Path(args.output_file)
     work = Path(args.work_dir) if args.work_dir else output.with_name(output.name + ".partial")
-    settings = fingerprint(args)
-    record = _resumable_record(work, settings, len(data), args)
-    if record is None and output.exists() and not args.overwrite_output_file:
+    settings = fingerprint(args, processes.world_size)
+    records = read_records(work, settings)
+    if not records and output.exists() and not args.overwrite_output_file:
         raise FileExistsError(f"{output} exists: pass --overwrite_output_file to replace it.")
     classifier = EarlyExitClassifier.from_pretrained(  # refuses bad exit options before any work is saved
-        args.model, device=args.device, backend=args.backend, batch_size=args.batch_size, max_length=args.max_length,
-        policy=args.policy, threshold=args.threshold, lam=args.lam, patience=args.patience,
+        args.model, device=processes.device(args.device) if args.backend == "pytorch" else None, backend=args.backend,
+        batch_size=args.batch_size, max_length=args.max_length, policy=args.policy, threshold=args.threshold,
+        lam=args.lam, patience=args.patience, target_speedup=args.target_speedup,
     )
+    start_threshold = classifier.threshold
+    num_chunks = -(-len(data) // args.chunk_size)
+    if num_chunks < processes.world_size and processes.rank == 0:
+        logger.warning(f"{num_chunks} chunk(s) of {args.chunk_size} rows for {processes.world_size} processes: some "
+                       "have nothing to do; pass a smaller --chunk_size.")
+    done = {index for record in records for index in record["chunks"]}
+    if records and processes.rank == 0:
+        print(f"Resuming from {work}: {len(done)} of {num_chunks} chunks "
+              f"({sum(_chunk_rows(index, len(data), args) for index in done)} texts) were scored by an earlier run.")
+    processes.barrier()  # every process has read the records before any writes its own
+    place = (processes.rank, processes.world_size)
+    record = next((record for record in records if (record["rank"], record["world_size"]) == place), None)
     if record is None:
-        record = {"settings": settings, "total_rows": len(data), "num_chunks": -(-len(data) // args.chunk_size),
-                  "chunks_done": 0, "layers_run": 0}
-        work.mkdir(parents=True, exist_ok=True)
-        _write_atomically(work / PROGRESS_NAME, json.dumps(record, indent=2).encode())
-    texts_scored, seconds = _score_chunks(data, classifier, work, record, args)
-    predictions = _assemble(data, work, record, args)
-    labels = predictions[args.column_prefix + "label"]
-    layers = sum(predictions[args.column_prefix + "exit_layer"])
-    summary = PredictionSummary(
-        texts=len(data), texts_scored=texts_scored, texts_resumed=len(data) - texts_scored, seconds=seconds,
-        texts_per_second=texts_scored / seconds if seconds else 0.0,
-        speedup=classifier.num_hidden_layers * len(data) / layers,
-        label_counts={name: count for name, count in sorted(Counter(labels).items())}, output_file=str(output),
-    )
-    _print_summary(summary, args)
+        record = new_record(settings, num_chunks, *place)
+    if record["budget"] is not None:  # go on as the interrupted run would have
+        classifier.budget.load_state_dict(record["budget"])
+    write_record(work, record)
+    share = [index for index in range(processes.rank, num_chunks, processes.world_size) if index not in done]
+    texts_scored, seconds = _score_chunks(data, classifier, work, record, share, processes, args)
+    budget = classifier.budget
+    counts = processes.gather([texts_scored, seconds, math.nan if budget is None else budget.threshold,
+                               math.nan if budget is None else budget.speedup])  # by rank, in process 0
+    summary = None
+    if processes.rank == 0:
+        predictions = _assemble(data, work, num_chunks, args)
+        summary = _summarize(predictions, counts, classifier.num_hidden_layers, start_threshold, args)
+        _print_summary(summary, args)
+    processes.barrier()  # so that every process returns once the output is written
     return summary
+
+
+def _summarize(predictions: dict, counts: list[list[float]], num_hidden_layers: int, start_threshold: float | None,
+               args: PredictArguments) -> PredictionSummary:
+    """The summary of all rows (`predictions`, the new columns) and of each process's work in this run (`counts`: texts
+    scored, seconds, the budget's threshold and speed-up; by rank)."""
+    labels = predictions[args.column_prefix + "label"]
+    layers = predictions[args.column_prefix + "exit_layer"]
+    per_process = [int(row[0]) for row in counts]
+    seconds = max(row[1] for row in counts)  # the processes ran side by side
+    return PredictionSummary(
+        texts=len(layers), texts_scored=sum(per_process), texts_resumed=len(layers) - sum(per_process),
+        seconds=seconds, texts_per_second=sum(per_process) / seconds if seconds else 0.0,
+        speedup=num_hidden_layers * len(layers) / sum(layers),
+        label_counts={name: count for name, count in sorted(Counter(labels).items())}, output_file=args.output_file,
+        processes=len(counts), texts_scored_per_process=per_process, target_speedup=args.target_speedup,
+        start_threshold=start_threshold,
+        thresholds=None if args.target_speedup is None else [row[2] for row in counts],
+        budget_speedups=None if args.target_speedup is None else [row[3] for row in counts],
+    )
 
 
 def _check_input(data: datasets.Dataset, args: PredictArguments) -> None:
@@ -221,67 +303,44 @@ def _check_input(data: datasets.Dataset, args: PredictArguments) -> None:
                          "predicted_) to add the predictions beside them.")
 
 
-def _resumable_record(work: Path, settings: dict, total_rows: int, args: PredictArguments) -> dict | None:
-    """The progress record of an interrupted run in `work`, or `None` when there is none.
-
-    Raises:
-        ValueError: when that run had other settings.
-    """
-    record_path = work / PROGRESS_NAME
-    if not record_path.is_file():
-        return None
-    record = json.loads(record_path.read_text())
-    changed = sorted(key for key in set(settings) | set(record["settings"])
-                     if settings.get(key) != record["settings"].get(key))
-    if changed:
-        was = {key: record["settings"].get(key) for key in changed}
-        raise ValueError(f"{work} holds an interrupted run with another {', '.join(changed)} (it was {was}): rerun "
-                         "with the arguments and files it was started with, or remove that folder to start again "
-                         "(or pass another --work_dir).")
-    done = record["chunks_done"]
-    print(f"Resuming from {work}: {done} of {record['num_chunks']} chunks "
-          f"({min(done * args.chunk_size, total_rows)} texts) were scored by an earlier run.")
-    return record
-
-
-def _score_chunks(data, classifier: EarlyExitClassifier, work: Path, record: dict, args: PredictArguments):
-    """Scores the chunks the record does not count as done, saving each one's shard and then the record; returns the
+def _score_chunks(data, classifier: EarlyExitClassifier, work: Path, record: dict, chunks: list[int],
+                  processes: Processes, args: PredictArguments) -> tuple[int, float]:
+    """Scores `chunks`, saving each one's shard and then the process's record (with the budget's state); returns the
     texts scored and the seconds it took."""
     columns = [name for name in (args.text_column, args.text_pair_column) if name is not None]
     texts = data.select_columns(columns)
-    total, size = len(data), args.chunk_size
-    start_row = min(record["chunks_done"] * size, total)
-    bar = logging.tqdm(total=total, initial=start_row, unit="text", desc="Scoring", disable=None)
+    size = args.chunk_size
+    share = sum(_chunk_rows(index, len(data), args) for index in range(processes.rank, record["num_chunks"],
+                                                                         processes.world_size))
+    description = f"Scoring (process 0 of {processes.world_size})" if processes.distributed else "Scoring"
+    bar = logging.tqdm(total=share, initial=share - sum(_chunk_rows(index, len(data), args) for index in chunks),
+                       unit="text", desc=description, disable=None if processes.rank == 0 else True)
+    texts_done = sum(_chunk_rows(index, len(data), args) for index in record["chunks"])
     started, scored = time.perf_counter(), 0
-    for index in range(record["chunks_done"], record["num_chunks"]):
+    for index in chunks:
         rows = texts[index * size : (index + 1) * size]
         labels, scores, layers = classifier.predict(rows[args.text_column],
                                                     rows[args.text_pair_column] if args.text_pair_column else None)
-        table = pa.table({"label": pa.array(labels, pa.string()), "score": pa.array(scores, pa.float64()),
-                          "exit_layer": pa.array(layers, pa.int64())})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        _write_atomically(_shard_path(work, index), sink.getvalue().to_pybytes())
-        record.update(chunks_done=index + 1, layers_run=record["layers_run"] + sum(layers))
-        _write_atomically(work / PROGRESS_NAME, json.dumps(record, indent=2).encode())
-        scored += len(layers)
-        done_rows = min((index + 1) * size, total)
-        speedup = classifier.num_hidden_layers * done_rows / record["layers_run"]
-        bar.set_postfix_str(f"layer speed-up {speedup:.2f}x", refresh=False)  # shown by the update
+        write_shard(work, index, pa.table({"label": pa.array(labels, pa.string()),
+                                           "score": pa.array(scores, pa.float64()),
+                                           "exit_layer": pa.array(layers, pa.int64())}))
+        record["chunks"].append(index)
+        record.update(chunks_done=len(record["chunks"]), layers_run=record["layers_run"] + sum(layers),
+                      budget=None if classifier.budget is None else classifier.budget.state_dict())
+        write_record(work, record)
+        scored, texts_done = scored + len(layers), texts_done + len(layers)
+        speedup = classifier.num_hidden_layers * texts_done / record["layers_run"]
+        threshold = "" if classifier.threshold is None else f", threshold {classifier.threshold:.4g}"
+        bar.set_postfix_str(f"layer speed-up {speedup:.2f}x{threshold}", refresh=False)  # shown by the update
         bar.update(len(layers))
     bar.close()
     return scored, time.perf_counter() - started
 
 
-def _assemble(data: datasets.Dataset, work: Path, record: dict, args: PredictArguments) -> dict:
+def _assemble(data: datasets.Dataset, work: Path, num_chunks: int, args: PredictArguments) -> dict:
     """Writes the input rows with the shards' columns added to the output file, removes the run's files from the work
     folder, and returns the new label and exit layer columns."""
-    shards = [_shard_path(work, index) for index in range(record["num_chunks"])]
-    missing = [path.name for path in shards if not path.is_file()]
-    if missing:
-        raise ValueError(f"{work} lacks the shards {missing[:5]} that its progress record counts as done: remove "
-                         "that folder and run again.")
-    table = pa.concat_tables([pq.read_table(path) for path in shards])
+    table = read_shards(work, num_chunks)
     if table.num_rows != len(data):
         raise ValueError(f"The shards in {work} hold {table.num_rows} rows, the input {len(data)}: remove that folder "
                          "and run again.")
@@ -292,57 +351,41 @@ def _assemble(data: datasets.Dataset, work: Path, record: dict, args: PredictArg
     staging = work / ("output." + args.resolved_output_format)
     write_table(scored, staging, args.resolved_output_format)
     os.replace(staging, output)
-    _remove_work(work, shards)
+    remove_work(work, num_chunks)
     return table.select([args.column_prefix + name for name in ("label", "exit_layer")]).to_pydict()
 
 
 def _print_summary(summary: PredictionSummary, args: PredictArguments) -> None:
     labels = ", ".join(f"{name} {count}" for name, count in summary.label_counts.items())
-    print(f"Scored {summary.texts} texts of {args.input_file}: layer speed-up {summary.speedup:.2f}x; "
-          f"labels: {labels}.")
+    processes = f" with {summary.processes} processes" if summary.processes > 1 else ""
+    target = "" if summary.target_speedup is None else f" (target {summary.target_speedup:.2f}x)"
+    print(f"Scored {summary.texts} texts of {args.input_file}{processes}: layer speed-up {summary.speedup:.2f}x"
+          f"{target}; labels: {labels}.")
+    if summary.thresholds is not None:
+        ended = (f"{summary.thresholds[0]:.4g}" if summary.processes == 1 else ", ".join(
+            f"{threshold:.4g} in process {rank} ({speedup:.2f}x over its texts)"
+            for rank, (threshold, speedup) in enumerate(zip(summary.thresholds, summary.budget_speedups))))
+        print(f"Speed-up budget: the threshold started at {summary.start_threshold:.4g} and ended at {ended}.")
+    shares = ("" if summary.processes == 1 else " (" + ", ".join(
+        f"process {rank} {count}" for rank, count in enumerate(summary.texts_scored_per_process)) + ")")
     resumed = f"; {summary.texts_resumed} were scored by an earlier run" if summary.texts_resumed else ""
-    print(f"This run scored {summary.texts_scored} in {summary.seconds:.2f} s, {summary.texts_per_second:.1f} "
-          f"texts/s{resumed}.")
+    print(f"This run scored {summary.texts_scored}{shares} in {summary.seconds:.2f} s, "
+          f"{summary.texts_per_second:.1f} texts/s{resumed}.")
     print(f"Wrote {summary.output_file}")
 
 
-def _remove_work(work: Path, shards: list[Path]) -> None:
-    """Removes the files of the run from `work`, and `work` itself when nothing else is in it (a --work_dir may hold
-    other files)."""
-    for path in [*shards, work / PROGRESS_NAME]:
-        path.unlink(missing_ok=True)
-        path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # left by a run killed while writing
-    try:
-        work.rmdir()
-    except OSError:
-        pass
+def _chunk_rows(index: int, total: int, args: PredictArguments) -> int:
+    return min(args.chunk_size, total - index * args.chunk_size)
 
 
-def _shard_path(work: Path, index: int) -> Path:
-    return work / f"chunk-{index:06d}.parquet"
+def _quiet() -> None:
+    """Silences the libraries' logs, progress bars and warnings: under a launcher, one process reports for all."""
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.simplefilter("ignore")
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Writes `content` to `path` so that a reader (or a run after a crash) sees the old file or the new one, never
-    a part: written beside it, flushed to disk, then moved in with `os.replace`."""
-    staging = path.with_name(path.name + ".tmp")
-    with open(staging, "wb") as file:
-        file.write(content)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(staging, path)
-
-
-def _sha256(paths: list[Path], root: Path | None = None) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        if root is not None:
-            digest.update(str(path.relative_to(root)).encode() + b"\0")
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-__all__ = ["FORMATS", "PredictArguments", "PredictionSummary", "fingerprint", "main", "predict", "read_table",
-           "write_table"]
+__all__ = ["FORMATS", "PROGRESS_NAME", "PredictArguments", "PredictionSummary", "fingerprint", "main", "predict",
+           "read_table", "write_table"]

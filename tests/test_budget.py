@@ -52,6 +52,21 @@ def test_the_budget_holds_the_target_through_a_drift_without_oscillating(directi
     assert settled.max() - settled.min() < 0.03  # it settles: only batch noise moves it
 
 
+def test_a_budget_restored_from_its_state_gives_the_thresholds_the_original_gives():
+    generator = torch.Generator().manual_seed(0)
+    batches = [synthetic_exits(torch.rand(16, generator=generator) ** 0.6, 0.5, 1) for _ in range(6)]
+    original, restored = (SpeedupBudget(3.0, 0.5, NUM_LAYERS, 1, bounds=(0.0, 1.0)) for _ in range(2))
+    for batch in batches[:3]:
+        original.update(batch)
+    restored.load_state_dict(original.state_dict())
+    assert restored.texts == 48 and restored.layers == original.layers and restored.threshold == original.threshold
+    threshold_only = SpeedupBudget(3.0, original.threshold, NUM_LAYERS, 1, bounds=(0.0, 1.0))
+    later = [threshold_only.update(batch) for batch in batches[3:]]
+    expected = [original.update(batch) for batch in batches[3:]]
+    assert [restored.update(batch) for batch in batches[3:]] == expected
+    assert later != expected  # what was overspent so far counts too, not only the threshold
+
+
 def test_a_budget_needs_a_threshold_policy_and_a_reachable_target():
     assert threshold_direction(get_exit_policy("de3", threshold=0.5)) == 1
     assert threshold_direction(get_exit_policy("max_prob", threshold=0.5)) == -1

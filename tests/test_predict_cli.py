@@ -1,10 +1,13 @@
 """The predict command: the input rows, in order, with the predictions added; an interrupted run (killed with
-SIGKILL) resumes without scoring finished chunks again and writes what an uninterrupted run writes; a run with other
-input or arguments refuses to resume."""
+SIGKILL) resumes without scoring finished chunks again and writes what an uninterrupted run writes, also with a
+speed-up budget; a run with other input or arguments refuses to resume; processes started by torchrun share the chunks
+and write what one process writes."""
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,11 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from de3_transformers import EarlyExitClassifier
 from de3_transformers.__main__ import main as package_main
 from de3_transformers.data import load_glue_task
-from de3_transformers.predict_cli import PROGRESS_NAME, main
+from de3_transformers.predict_cli import PROGRESS_NAME, PredictArguments, fingerprint, main
+from de3_transformers.process_group import Processes
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -60,23 +65,29 @@ def test_output_is_the_input_rows_in_order_with_the_predictions_added(minilm_che
     assert uninterrupted["predicted_exit_layer"].nunique() >= 2
 
 
+def kill_after_chunks(command: list[str], record: Path, log: Path, chunks: int = 3) -> int:
+    """Runs `command` in a subprocess, kills it (SIGKILL) once its progress record counts `chunks` chunks done, and
+    returns the chunks done then."""
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1"}
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            if record.is_file() and json.loads(record.read_text())["chunks_done"] >= chunks:  # written atomically
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    return json.loads(record.read_text())["chunks_done"]
+
+
 def test_a_killed_run_resumes_without_scoring_finished_chunks_again(minilm_checkpoint, sst2_csv, uninterrupted,
                                                                     tmp_path, capsys, monkeypatch):
     output = tmp_path / "scored.csv"
     record = tmp_path / "scored.csv.partial" / PROGRESS_NAME
     command = [sys.executable, "-m", "de3_transformers", "predict", *arguments(minilm_checkpoint, sst2_csv, output)]
-    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1"}
-    with open(tmp_path / "log.txt", "wb") as log:
-        process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while process.poll() is None and time.monotonic() < deadline:
-            if record.is_file() and json.loads(record.read_text())["chunks_done"] >= 3:  # written atomically
-                break
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-3000:]
-    done = json.loads(record.read_text())["chunks_done"]
+    done = kill_after_chunks(command, record, tmp_path / "log.txt")
     assert 3 <= done < ROWS // CHUNK and not output.exists()
 
     original, scored = EarlyExitClassifier.predict, []
@@ -91,6 +102,55 @@ def test_a_killed_run_resumes_without_scoring_finished_chunks_again(minilm_check
     resumed = pd.read_csv(output)
     pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=False, atol=1e-6, rtol=0)
     assert not record.parent.exists()
+
+
+def carried_over_chunks(checkpoint, texts: list[str], chunks, **options) -> tuple[EarlyExitClassifier, pd.DataFrame]:
+    """One classifier called on `chunks` (indices of chunks of `texts`) in turn, and its answers, by row."""
+    classifier = EarlyExitClassifier.from_pretrained(checkpoint, device="cpu", batch_size=8, **options)
+    answers = {}
+    for index in chunks:
+        rows = range(index * CHUNK, min((index + 1) * CHUNK, len(texts)))
+        answers.update(zip(rows, classifier([texts[row] for row in rows])))
+    return classifier, pd.DataFrame([answers[row] for row in sorted(answers)], index=sorted(answers))
+
+
+def assert_predictions_equal(output: pd.DataFrame, expected: pd.DataFrame) -> None:
+    assert output["predicted_label"].tolist() == expected["label"].tolist()
+    assert output["predicted_exit_layer"].tolist() == expected["exit_layer"].tolist()
+    assert output["predicted_score"].tolist() == pytest.approx(expected["score"].tolist(), abs=1e-5)
+
+
+def test_a_killed_run_with_a_speedup_budget_resumes_the_budget_where_it_stopped(minilm_checkpoint, sst2_csv,
+                                                                                 uninterrupted, tmp_path, capsys):
+    output = tmp_path / "scored.csv"
+    record = tmp_path / "scored.csv.partial" / PROGRESS_NAME
+    budget = ["--target_speedup", "3.0"]  # the checkpoint is calibrated for 2x: the threshold must move
+    command = [sys.executable, "-m", "de3_transformers", "predict",
+               *arguments(minilm_checkpoint, sst2_csv, output, *budget)]
+    done = kill_after_chunks(command, record, tmp_path / "log.txt")
+    texts = pd.read_csv(sst2_csv)["sentence"].tolist()
+    killed, _ = carried_over_chunks(minilm_checkpoint, texts, range(done), target_speedup=3.0)
+    assert json.loads(record.read_text())["budget"] == killed.budget.state_dict()  # as it stood after those chunks
+
+    capsys.readouterr()
+    main(arguments(minilm_checkpoint, sst2_csv, output, *budget))
+    printed = capsys.readouterr().out
+    # What one classifier gives when carried over every chunk, uninterrupted.
+    expected, answers = carried_over_chunks(minilm_checkpoint, texts, range(ROWS // CHUNK), target_speedup=3.0)
+    resumed = pd.read_csv(output)
+    assert_predictions_equal(resumed, answers)
+    assert resumed["predicted_exit_layer"].tolist() != uninterrupted["predicted_exit_layer"].tolist()
+    assert f"layer speed-up {expected.speedup:.2f}x (target 3.00x)" in printed
+    start = expected.budget.thresholds[0]  # the calibrated threshold
+    assert f"the threshold started at {start:.4g} and ended at {expected.threshold:.4g}." in printed
+
+
+def test_the_number_of_processes_is_fingerprinted_only_with_a_budget(minilm_checkpoint, sst2_csv, tmp_path):
+    calibrated = PredictArguments(model=str(minilm_checkpoint), input_file=str(sst2_csv), output_file="o.csv")
+    budget = PredictArguments(model=str(minilm_checkpoint), input_file=str(sst2_csv), output_file="o.csv",
+                              target_speedup=3.0)
+    assert fingerprint(calibrated, world_size=2) == fingerprint(calibrated, world_size=1)  # a chunk is a chunk
+    assert fingerprint(budget, world_size=2) != fingerprint(budget, world_size=1)  # a budget follows its process
 
 
 def interrupt_after(monkeypatch, calls: int):
@@ -190,3 +250,79 @@ def test_the_package_runs_its_commands_and_installs_de3_predict(capsys):
     scripts = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]["scripts"]
     module, name = scripts["de3-predict"].split(":")
     assert getattr(__import__(module, fromlist=[name]), name) is main
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(command_arguments: list[str], log_dir: Path) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m de3_transformers predict ...` on the CPU; each process's output goes to
+    `log_dir/<run>/attempt_0/<rank>/std{out,err}.log`.
+
+    Nothing may listen beyond the loopback: gloo is told to use it, but torchrun's rendezvous store listens on every
+    address whatever --master_addr says, so where the system allows it the run gets a network namespace of its own,
+    whose only device is the loopback."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+              f"--master_port={free_port()}", "--log-dir", str(log_dir), "--redirects", "3",
+              "-m", "de3_transformers", "predict", *command_arguments]
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "", "GLOO_SOCKET_IFNAME": "lo",
+           "TORCH_CPP_LOG_LEVEL": "ERROR"}  # c10d warns that the namespace cannot resolve names
+    isolated = ["unshare", "--net", "--map-root-user", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    if shutil.which("unshare") and shutil.which("ip") and subprocess.run([*isolated, "true"]).returncode == 0:
+        launch = [*isolated, *launch]
+    return subprocess.run(launch, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
+
+
+def process_output(log_dir: Path, rank: int) -> tuple[str, str]:
+    """What process `rank` of a `torchrun` run printed: stdout and stderr."""
+    (folder,) = log_dir.glob(f"*/attempt_0/{rank}")
+    return (folder / "stdout.log").read_text(), (folder / "stderr.log").read_text()
+
+
+def test_torchrun_processes_share_the_chunks_and_write_what_one_process_writes(minilm_checkpoint, sst2_csv,
+                                                                               uninterrupted, tmp_path, monkeypatch):
+    output = tmp_path / "scored.csv"
+    with monkeypatch.context() as patch:  # one process scores the first 4 chunks, then two take over
+        interrupt_after(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            main(arguments(minilm_checkpoint, sst2_csv, output))
+    run = torchrun(arguments(minilm_checkpoint, sst2_csv, output), tmp_path / "logs")
+    assert run.returncode == 0, run.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(output), uninterrupted, check_exact=False, atol=1e-5, rtol=0)
+    printed, _ = process_output(tmp_path / "logs", 0)
+    assert f"4 of {ROWS // CHUNK} chunks ({4 * CHUNK} texts) were scored by an earlier run" in printed
+    assert f"Scored {ROWS} texts of {sst2_csv} with 2 processes: layer speed-up" in printed
+    share = (ROWS - 4 * CHUNK) // 2  # chunks 4, 6, ... to process 0; 5, 7, ... to process 1
+    assert f"This run scored {ROWS - 4 * CHUNK} (process 0 {share}, process 1 {share}) in" in printed
+    assert process_output(tmp_path / "logs", 1) == ("", "")  # process 0 reports for all
+    assert not (tmp_path / "scored.csv.partial").exists()
+
+
+def test_torchrun_processes_each_hold_the_target_with_their_own_budget(minilm_checkpoint, sst2_csv, tmp_path):
+    output = tmp_path / "scored.csv"
+    run = torchrun(arguments(minilm_checkpoint, sst2_csv, output, "--target_speedup", "3.0"), tmp_path / "logs")
+    assert run.returncode == 0, run.stderr[-3000:]
+    texts = pd.read_csv(sst2_csv)["sentence"].tolist()
+    first, first_answers = carried_over_chunks(minilm_checkpoint, texts, range(0, ROWS // CHUNK, 2), target_speedup=3.0)
+    second, second_answers = carried_over_chunks(minilm_checkpoint, texts, range(1, ROWS // CHUNK, 2),
+                                                 target_speedup=3.0)
+    scored = pd.read_csv(output)
+    assert_predictions_equal(scored, pd.concat([first_answers, second_answers]).sort_index())
+    printed, _ = process_output(tmp_path / "logs", 0)
+    speedup = first.num_hidden_layers * ROWS / scored["predicted_exit_layer"].sum()  # over all texts
+    assert f"with 2 processes: layer speed-up {speedup:.2f}x (target 3.00x)" in printed
+    assert (f"ended at {first.threshold:.4g} in process 0 ({first.speedup:.2f}x over its texts), "
+            f"{second.threshold:.4g} in process 1 ({second.speedup:.2f}x over its texts).") in printed
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    processes = [Processes(rank=rank, world_size=3, local_rank=rank) for rank in range(3)]
+    assert [process.device(None) for process in processes] == ["cuda:0", "cuda:1", "cuda:0"]  # 3 on 2 GPUs share
+    assert processes[1].device("cuda") == "cuda:1" and processes[1].device("cpu") == "cpu"
+    assert Processes().device(None) is None  # one process: the classifier's own default

@@ -1,0 +1,128 @@
+"""The work folder of the predict command (`<output_file>.partial/`): one parquet shard per finished chunk and one
+progress record per process, each replaced atomically, so that a run killed at any point leaves what a resumed run
+needs and nothing half written.
+
+A process's record lists the chunks it finished, in order, the encoder layers they ran and, with a speed-up budget,
+the budget's state after the last one. A chunk is finished once a record lists it, whichever process did it: a run
+with another number of processes skips it too. One process writes `progress.json`; process `r` of `n` writes
+`progress-rank{r}-of-{n}.json`.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+PROGRESS_NAME = "progress.json"
+_RECORD_PATTERN = "progress-rank*-of-*.json"
+
+
+def record_name(rank: int, world_size: int) -> str:
+    """The file name of the progress record of process `rank` of `world_size`."""
+    return PROGRESS_NAME if world_size == 1 else f"progress-rank{rank}-of-{world_size}.json"
+
+
+def read_records(work: Path, settings: dict) -> list[dict]:
+    """The progress records of interrupted runs in `work` (none when there is no such folder).
+
+    Raises:
+        ValueError: when a record's run had other settings.
+    """
+    paths = [work / PROGRESS_NAME, *sorted(work.glob(_RECORD_PATTERN))]
+    records = [json.loads(path.read_text()) for path in paths if path.is_file()]
+    for record in records:
+        changed = sorted(key for key in set(settings) | set(record["settings"])
+                         if settings.get(key) != record["settings"].get(key))
+        if changed:
+            was = {key: record["settings"].get(key) for key in changed}
+            raise ValueError(f"{work} holds an interrupted run with another {', '.join(changed)} (it was {was}): "
+                             "rerun with the arguments and files it was started with, or remove that folder to start "
+                             "again (or pass another --work_dir).")
+        # Records written before they listed their chunks counted a prefix of them.
+        record.setdefault("chunks", list(range(record["chunks_done"])))
+        record.setdefault("rank", 0)
+        record.setdefault("world_size", 1)
+        record.setdefault("budget", None)
+    return records
+
+
+def new_record(settings: dict, num_chunks: int, rank: int, world_size: int) -> dict:
+    """The progress record of a process that has finished no chunk yet."""
+    return {"settings": settings, "num_chunks": num_chunks, "rank": rank, "world_size": world_size, "chunks": [],
+            "chunks_done": 0, "layers_run": 0, "budget": None}
+
+
+def write_record(work: Path, record: dict) -> None:
+    """Replaces the record's file in `work` (made if missing) atomically."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / record_name(record["rank"], record["world_size"])
+    write_atomically(path, json.dumps(record, indent=2).encode())
+
+
+def write_shard(work: Path, index: int, table: pa.Table) -> None:
+    """Saves the predictions of chunk `index` (atomically: a shard on disk is a whole one)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomically(shard_path(work, index), sink.getvalue().to_pybytes())
+
+
+def read_shards(work: Path, num_chunks: int) -> pa.Table:
+    """The predictions of every chunk, in chunk order.
+
+    Raises:
+        ValueError: when a shard is missing.
+    """
+    shards = [shard_path(work, index) for index in range(num_chunks)]
+    missing = [path.name for path in shards if not path.is_file()]
+    if missing:
+        raise ValueError(f"{work} lacks the shards {missing[:5]} that its progress records count as done: remove "
+                         "that folder and run again.")
+    return pa.concat_tables([pq.read_table(path) for path in shards])
+
+
+def remove_work(work: Path, num_chunks: int) -> None:
+    """Removes the files of the run from `work`, and `work` itself when nothing else is in it (a --work_dir may hold
+    other files)."""
+    records = [work / PROGRESS_NAME, *work.glob(_RECORD_PATTERN)]
+    for path in [*(shard_path(work, index) for index in range(num_chunks)), *records]:
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # left by a run killed while writing
+    try:
+        work.rmdir()
+    except OSError:
+        pass
+
+
+def shard_path(work: Path, index: int) -> Path:
+    return work / f"chunk-{index:06d}.parquet"
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Writes `content` to `path` so that a reader (or a run after a crash) sees the old file or the new one, never
+    a part: written beside it, flushed to disk, then moved in with `os.replace`."""
+    staging = path.with_name(path.name + ".tmp")
+    with open(staging, "wb") as file:
+        file.write(content)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(staging, path)
+
+
+def sha256(paths: list[Path], root: Path | None = None) -> str:
+    """SHA-256 of the files' contents (and of their paths relative to `root`, when given), in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if root is not None:
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["PROGRESS_NAME", "new_record", "read_records", "read_shards", "record_name", "remove_work", "sha256",
+           "shard_path", "write_atomically", "write_record", "write_shard"]
