@@ -379,3 +379,32 @@ def test_token_exit_on_the_real_minilm_answers_as_predict_early(exported, export
         batches = sst2_batches(tokenizer, dev_sentences, batch_size)
         layers_seen = assert_answers_of_predict_early(model, runner, batches, {"de3": policy_settings["de3"]})
         assert len(layers_seen["de3"]) > 1, batch_size
+
+
+@pytest.mark.parametrize("objective", ["cosee", "mpee"])
+def test_models_trained_with_the_other_objectives_export_as_they_are(objective, tmp_path):
+    """A COSEE- or MPEE-trained model differs in its training loss, not in its inference graph: the export serves it
+    with the exits of `predict_early`, under COSEE's energy policy and the default one."""
+    model = tiny_model(training_objective=objective, exit_memory=0.9 if objective == "mpee" else 1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    input_ids, attention_mask = mixed_length_batch(batch_size=12, pad_token_id=model.config.pad_token_id)
+    labels = torch.arange(12) % model.config.num_labels
+    model.train()
+    for _ in range(3):  # a few steps of the objective's own loss
+        model(input_ids, attention_mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    runner = OnnxEarlyExitClassifier(export_onnx(model, tmp_path))
+    layers_seen = set()
+    for policy, parameters in (("energy", {"threshold": 0.2}), ("de3", {"threshold": 0.5})):
+        expected = model.predict_early(input_ids, attention_mask, policy=policy, **parameters)
+        layers_seen.update(expected.sample_exit_layers.tolist())
+        for size in (1, 7):
+            got = [runner.predict(input_ids[start : start + size].numpy(), attention_mask[start : start + size].numpy(),
+                                  policy=policy, **parameters) for start in range(0, 12, size)]
+            assert np.concatenate([part["exit_layers"] for part in got]).tolist() == \
+                expected.sample_exit_layers.tolist(), (policy, size)
+            np.testing.assert_allclose(np.concatenate([part["logits"] for part in got]), expected.logits.numpy(),
+                                       atol=1e-5, rtol=0)
+    assert len(layers_seen) > 1  # texts leave at different exits
