@@ -140,7 +140,8 @@ def write_one_text_graph(folder: Path, exit_layers: list[int], names: list[tuple
     if len(exit_layers) > 1 and not {"distance_ratio", "scores"} <= set(names[0][1]):
         # What the rule reads of a signal this model lacks (no policy that reads it passes build_policy).
         initializers.append(helper.make_tensor("zero_signal", TensorProto.FLOAT, [1], [0.0]))
-    nodes = _inline(onnx.load(folder / "embeddings.onnx").graph, "embeddings/",
+    embeddings = onnx.load(folder / "embeddings.onnx")
+    nodes = _inline(embeddings.graph, "embeddings/",
                     {"input_ids": "input_ids", "token_type_ids": "token_type_ids"}, initializers)
     results = [helper.make_tensor_value_info("logits_out", TensorProto.FLOAT, [1, None]),
                helper.make_tensor_value_info("exit_layer", TensorProto.INT64, [1])]
@@ -196,8 +197,7 @@ def write_one_text_graph(folder: Path, exit_layers: list[int], names: list[tuple
                                                                                      "lam_plus_one")]
     graph = helper.make_graph(nodes, "de3_one_text", inputs, results, initializer=initializers)
     _prune(graph)  # the signals the policy does not read
-    embeddings_model = onnx.load(folder / "embeddings.onnx", load_external_data=False)
-    model = helper.make_model(graph, opset_imports=list(embeddings_model.opset_import),
+    model = helper.make_model(graph, opset_imports=list(embeddings.opset_import),
                               producer_name="de3_transformers")
     onnx.save(model, folder / ONE_TEXT_GRAPH)
 

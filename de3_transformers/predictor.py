@@ -16,6 +16,7 @@ import torch
 from .exit_policies import build_exit_policy
 from .inference import BatchScorer
 from .onnx_backend import check_backend
+from .pipeline_de3 import is_early_exit_model
 
 
 PREDICTION_COLUMNS = ("label", "score", "exit_layer")
@@ -298,7 +299,7 @@ def _load(model, tokenizer, device, backend: str):
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
     elif tokenizer is None:
         raise TypeError("Pass the model's tokenizer= with a model object, or give the checkpoint's path instead.")
-    if not callable(getattr(model, "predict_early", None)):
+    if not is_early_exit_model(model):
         raise ValueError(f"{type(model).__name__} is not a DE3 model (it has no predict_early); fine-tune one first "
                          "(DE3BertForSequenceClassification.from_backbone(...) and DE3Trainer).")
     if device is not None:
