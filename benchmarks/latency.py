@@ -27,10 +27,10 @@ from typing import ClassVar
 
 import torch
 import transformers
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer
 
 from de3_transformers import DE3BertConfig, DE3BertForSequenceClassification
-from de3_transformers.benchmarking import hardware, write_report
+from de3_transformers.benchmarking import hardware, plain_model, write_report
 from de3_transformers.exit_policies import ExitPolicy, get_exit_policy
 from de3_transformers.flops import FlopsCounter
 from de3_transformers.signals import hybrid_indicator
@@ -84,12 +84,7 @@ def build_models(name: str, device, dtype):
         ids = torch.randint(1000, 2000, (8, 16), generator=generator)
         model(input_ids=ids, labels=torch.arange(8) % 2)
     model.eval()
-    plain_config = BertConfig(**{key: value for key, value in model.config.to_dict().items()
-                                 if key not in ("model_type", "architectures", "auto_map")})
-    plain = BertForSequenceClassification(plain_config).eval()
-    plain.bert.load_state_dict(model.bert.state_dict())
-    plain.classifier.load_state_dict(model.classifier.state_dict())
-    return model.to(device, dtype), plain.to(device, dtype)
+    return model.to(device, dtype), plain_model(model).to(device, dtype)
 
 
 def inputs(kind: str, tokenizer, count: int, generator) -> list[torch.Tensor]:

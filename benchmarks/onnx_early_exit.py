@@ -27,23 +27,13 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 import transformers
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import de3_transformers
 from de3_onnx import OnnxEarlyExitClassifier
 from de3_transformers import calibrate, export_onnx
-from de3_transformers.benchmarking import hardware, write_report
+from de3_transformers.benchmarking import hardware, plain_model, write_report
 from de3_transformers.data import load_glue_task
-
-
-def plain_model(model) -> BertForSequenceClassification:
-    """The plain classifier users would run instead: the same backbone and last classifier, no exits."""
-    config = transformers.BertConfig(**{key: value for key, value in model.config.to_dict().items()
-                                        if key in transformers.BertConfig().to_dict()})
-    plain = BertForSequenceClassification(config)
-    plain.bert.load_state_dict(model.bert.state_dict())
-    plain.classifier.load_state_dict(model.classifier.state_dict())
-    return plain.eval()
 
 
 def export_plain(plain, path: Path) -> Path:

@@ -26,6 +26,19 @@ def hardware(device=None) -> str:
     return f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def plain_model(model):
+    """The plain `BertForSequenceClassification` users would run instead of the DE3 BERT model `model`: the same
+    backbone weights and its last classifier, no exits, in eval mode (the baseline every benchmark compares with)."""
+    import transformers
+
+    config = transformers.BertConfig(**{key: value for key, value in model.config.to_dict().items()
+                                        if key in transformers.BertConfig().to_dict()})
+    plain = transformers.BertForSequenceClassification(config)
+    plain.bert.load_state_dict(model.bert.state_dict())
+    plain.classifier.load_state_dict(model.classifier.state_dict())
+    return plain.eval()
+
+
 def write_report(text: str, path) -> Path:
     """Writes a benchmark's markdown report (creating its folder), prints it, and returns the path."""
     path = Path(path)
@@ -35,4 +48,4 @@ def write_report(text: str, path) -> Path:
     return path
 
 
-__all__ = ["cpu_name", "hardware", "write_report"]
+__all__ = ["cpu_name", "hardware", "plain_model", "write_report"]
