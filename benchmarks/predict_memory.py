@@ -75,13 +75,16 @@ def peak_rss_mib() -> float:
     return peak / MIB if sys.platform == "darwin" else peak / 1024
 
 
+def memory_settings() -> list[str]:
+    """`NAME=value` of the environment settings RSS depends on: glibc's tunables, a preloaded allocator (jemalloc,
+    tcmalloc) and the size of oneDNN's primitive cache."""
+    return [f"{name}={value}" for name, value in sorted(os.environ.items())
+            if name.startswith(("MALLOC_", "ONEDNN_PRIMITIVE_CACHE", "DNNL_PRIMITIVE_CACHE"))
+            or name in ("LD_PRELOAD", "GLIBC_TUNABLES")]
+
+
 def allocator() -> str:
-    """The allocator settings RSS depends on: glibc's tunables, a preloaded allocator (jemalloc, tcmalloc) and the
-    size of oneDNN's primitive cache."""
-    settings = [f"{name}={value}" for name, value in sorted(os.environ.items())
-                if name.startswith(("MALLOC_", "ONEDNN_PRIMITIVE_CACHE", "DNNL_PRIMITIVE_CACHE"))
-                or name in ("LD_PRELOAD", "GLIBC_TUNABLES")]
-    return ", ".join(settings) or "the C library's malloc with default settings"
+    return ", ".join(memory_settings()) or "the C library's malloc with default settings"
 
 
 class _MallInfo2(ctypes.Structure):
@@ -116,9 +119,8 @@ def malloc_trim():
 
 
 def command() -> str:
-    settings = [f"{name}={value}" for name, value in sorted(os.environ.items())
-                if name == "HF_HUB_OFFLINE" or name.startswith(("MALLOC_", "ONEDNN_PRIMITIVE_CACHE"))]
-    return " ".join(settings + ["python", shlex.join(sys.argv)])
+    offline = ["HF_HUB_OFFLINE=1"] if os.environ.get("HF_HUB_OFFLINE") == "1" else []
+    return " ".join(offline + memory_settings() + ["python", shlex.join(sys.argv)])
 
 
 def untrained_model(texts: list[str], labels: list[int], target_speedup: float):
