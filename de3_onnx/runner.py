@@ -21,7 +21,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+
+try:
+    import onnxruntime as ort
+except ImportError as error:  # an optional dependency of de3-transformers
+    raise ImportError('de3_onnx needs onnxruntime, which is not installed: pip install "de3-transformers[onnx]"') \
+        from error
 
 from .policies import POLICY_NAMES, Policy
 

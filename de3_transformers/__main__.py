@@ -5,7 +5,9 @@
 - `calibrate`: calibrate a saved model for a target speed-up (`calibration_cli`; also `python -m
   de3_transformers.calibration`).
 
-`python -m de3_transformers <command> --help` lists a command's arguments.
+`python -m de3_transformers <command> --help` lists a command's arguments. A command refuses a user mistake (an
+argument, a file, a column, an existing output) with one line on stderr, `<prog>: error: <message>`, naming the
+problem and the fix, and exit status 2, as `argparse` does (`cli_errors`); a traceback means a bug.
 """
 
 import importlib
@@ -20,7 +22,12 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command named by the first argument with the other arguments; returns the exit status (2 for a
-    missing or unknown command, after printing the usage)."""
+    missing or unknown command, after printing the usage).
+
+    Raises:
+        SystemExit: as the command's `main`: with status 2 for a user mistake, after printing one line,
+            `python -m de3_transformers <command>: error: <message>`, to stderr; with status 0 after `--help`.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = "usage: python -m de3_transformers {" + ",".join(COMMANDS) + "} [arguments]\n\ncommands:\n" + "".join(
         f"  {name:<10} {description}\n" for name, (_, description) in COMMANDS.items())

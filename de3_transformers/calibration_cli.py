@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfAr
 from transformers.utils import logging
 
 from .calibration import CalibrationResult, calibrate
+from .cli_errors import UsageError, parse_arguments, refusing_usage_errors
 from .configuration_de3 import check_exit_parameters
 from .data import load_local_files
 from .metrics import classification_metrics
@@ -27,8 +28,9 @@ class CalibrationArguments:
     """Arguments of `python -m de3_transformers.calibration`.
 
     Raises:
-        ValueError: for a missing or unsupported validation file, a target below 1, both `lam` and `lam_grid`, a
-            lambda out of range, or a non-positive `max_length` / `batch_size`.
+        UsageError: (a `ValueError`) for a missing or unsupported validation file, a target below 1, both `lam` and
+            `lam_grid`, a lambda out of range, a policy that is unknown or cannot be calibrated, `lam` or `lam_grid`
+            with another policy than de3, or a non-positive `max_length` / `batch_size`.
     """
 
     model_name_or_path: str = field(metadata={"help": "A saved DE3 model (folder with its tokenizer)."})
@@ -55,37 +57,48 @@ class CalibrationArguments:
     def __post_init__(self):
         path = Path(self.validation_file)
         if not path.is_file():
-            raise ValueError(f"--validation_file {path} does not exist.")
+            raise UsageError(f"--validation_file {path} does not exist: pass the path of a labelled csv, tsv or "
+                             "json(l) file.")
         if path.suffix.lower() not in (".csv", ".tsv", ".json", ".jsonl"):
-            raise ValueError(f"--validation_file {path} must be a csv, tsv, json or jsonl file.")
+            raise UsageError(f"--validation_file {path} must be a csv, tsv, json or jsonl file (by its extension).")
         if not (isinstance(self.target_speedup, numbers.Real) and self.target_speedup >= 1):
-            raise ValueError(f"--target_speedup {self.target_speedup} must be a number >= 1.")
+            raise UsageError(f"--target_speedup {self.target_speedup} must be a number >= 1 (1 is the full model; 2.0 "
+                             "halves the layers run on average).")
         if self.lam is not None and self.lam_grid is not None:
-            raise ValueError("Give either --lam or --lam_grid, not both.")
+            raise UsageError("Give either --lam or --lam_grid, not both.")
         if self.lam_grid is not None:
             try:
                 self.lambdas = [float(value) for value in self.lam_grid.split(",") if value.strip()]
             except ValueError as error:
-                raise ValueError(f"--lam_grid {self.lam_grid!r} must be comma-separated numbers, e.g. 0,1,2.") from error
+                raise UsageError(f"--lam_grid {self.lam_grid!r} must be comma-separated numbers, e.g. 0,1,2."
+                                 ) from error
             if not self.lambdas:
-                raise ValueError("--lam_grid is empty; give comma-separated lambdas, e.g. 0,1,2.")
+                raise UsageError("--lam_grid is empty; give comma-separated lambdas, e.g. 0,1,2.")
         for value in self.lambdas or ([self.lam] if self.lam is not None else []):
-            check_exit_parameters(0.0, value)
+            try:
+                check_exit_parameters(0.0, value)
+            except ValueError as error:  # its only errors: a lambda out of range, named with the range
+                raise UsageError(f"--lam / --lam_grid: {error}") from error
         if self.policy not in EXIT_POLICIES or self.policy == "oracle":
-            raise ValueError(f"--policy {self.policy!r} is unknown or cannot be calibrated; choose one of "
+            raise UsageError(f"--policy {self.policy!r} is unknown or cannot be calibrated; choose one of "
                              f"{sorted(set(EXIT_POLICIES) - {'oracle'})}.")
         if self.policy != "de3" and (self.lam is not None or self.lam_grid is not None):
-            raise ValueError("--lam and --lam_grid apply to --policy de3 only.")
+            raise UsageError("--lam and --lam_grid apply to --policy de3 only: drop them, or pass --policy de3.")
         self.metric_names = [name.strip() for name in self.metrics.split(",") if name.strip()] or ["accuracy"]
         if self.max_length < 1 or self.batch_size < 1:
-            raise ValueError("--max_length and --batch_size must be positive integers.")
+            raise UsageError("--max_length and --batch_size must be positive integers.")
 
 
 def _encode_dataset(raw, tokenizer, model, args: CalibrationArguments):
+    """The validation rows tokenized, with their labels as the model's class ids.
+
+    Raises:
+        UsageError: for a column named by the arguments that the file lacks, or a label name the model does not know.
+    """
     columns = [args.text_column, args.text_pair_column, args.label_column]
     missing = [name for name in columns if name is not None and name not in raw.column_names]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"Columns {missing} are not in {args.validation_file} (it has {raw.column_names}); "
             "pass --text_column, --text_pair_column and --label_column."
         )
@@ -98,7 +111,7 @@ def _encode_dataset(raw, tokenizer, model, args: CalibrationArguments):
         for value in batch[args.label_column]:
             if isinstance(value, str):
                 if value not in label2id:
-                    raise ValueError(
+                    raise UsageError(
                         f"Label {value!r} is not one of the model's labels {sorted(label2id)} (config.label2id); "
                         "use those names or class ids."
                     )
@@ -129,11 +142,29 @@ def _print_table(result: CalibrationResult, metric_names: list[str]) -> None:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> CalibrationResult:
     """Command-line entry point: calibrate a saved DE3 model and save it with the chosen threshold and lambda (`prog`:
-    the command's name in its usage line)."""
-    (args,) = HfArgumentParser(CalibrationArguments, prog=prog).parse_args_into_dataclasses(argv)
+    the command's name in its messages, by default `python -m de3_transformers.calibration`).
+
+    Raises:
+        SystemExit: with status 2 for a user mistake (a `UsageError`: an argument `CalibrationArguments` refuses, an
+            unknown argument, a model that is not a DE3 model, a column or label the file lacks), after printing
+            `<prog>: error: <message>` to stderr, as `argparse` does; for what `argparse` refuses itself; with status 0
+            after `--help`. Any other error (also one `calibrate` raises) is raised as it is, with its traceback.
+    """
+    parser = HfArgumentParser(CalibrationArguments, prog=prog or "python -m de3_transformers.calibration")
+    with refusing_usage_errors(parser):
+        (args,) = parse_arguments(parser, argv)
+        return _calibrate(args)
+
+
+def _calibrate(args: CalibrationArguments) -> CalibrationResult:
+    """Calibrates and saves the model of `args`, and prints the result.
+
+    Raises:
+        UsageError: for a model that is not a DE3 model, or as `_encode_dataset`.
+    """
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path)
     if not hasattr(model, "prototype_memory"):
-        raise ValueError(
+        raise UsageError(
             f"{args.model_name_or_path} is a {type(model).__name__}, not a DE3 model; fine-tune one first "
             "(DE3BertForSequenceClassification.from_backbone(...) and DE3Trainer)."
         )

@@ -134,9 +134,12 @@ class DE3CheckpointMixin:
         if "id2label" not in config_kwargs:
             values["num_labels"] = num_labels
         config = config_class(**{**values, **config_kwargs})
-        model, info = cls.from_pretrained(
-            pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
-        )
+        # transformers reports every missing tensor in a table; here they are the new heads, expected, and said in one
+        # line below, with any tensor of the checkpoint that was not used.
+        with _load_report_silenced():
+            model, info = cls.from_pretrained(
+                pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
+            )
         mean_pooled = Path(str(pretrained_model_name_or_path), "1_Pooling", "config.json")
         if config.exit_pooling == "first" and mean_pooled.is_file():
             if json.loads(mean_pooled.read_text()).get("pooling_mode_mean_tokens"):
@@ -146,12 +149,31 @@ class DE3CheckpointMixin:
                     "slowly. Consider exit_pooling='mean'."
                 )
         fresh = sorted({key.split(".")[0] for key in info["missing_keys"]})
+        unused = sorted(info["unexpected_keys"])
         logger.warning(
             f"{cls.__name__}: backbone weights loaded from {pretrained_model_name_or_path}. Freshly initialised, to "
             f"be trained before use: {', '.join(fresh) or 'nothing'} "
             f"({len(info['missing_keys'])} tensors). Prototypes start uninitialised and are set by training batches."
+            + (f" Not used, from the checkpoint: {', '.join(unused)}." if unused else "")
         )
         return model
+
+
+def _not_a_load_report(record) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _load_report_silenced():
+    """transformers' loading report (a table of missing and unexpected tensors) is not logged inside the block; its
+    errors still raise, and the logger's other messages pass. A filter rather than a level: transformers runs other
+    checks depending on that logger's level."""
+    modeling_logger = logging.get_logger("transformers.modeling_utils")
+    modeling_logger.addFilter(_not_a_load_report)
+    try:
+        yield
+    finally:
+        modeling_logger.removeFilter(_not_a_load_report)
 
 
 def _verify_loaded(model, path, info: dict) -> None:

@@ -2,6 +2,8 @@
 folder or runner becomes a `de3_onnx.OnnxEarlyExitClassifier` with its model config, so that `predict_dataset`,
 `collect_exit_signals` and `calibrate` run on the runtime that serves the model."""
 
+from .extras import require
+
 BACKENDS = ("pytorch", "onnxruntime")
 
 
@@ -17,13 +19,11 @@ def onnx_runner(model):
     `export_onnx` wrote.
 
     Raises:
-        ImportError: without `onnxruntime` (install `de3-transformers[onnx]`).
+        ImportError: without `onnxruntime` (`pip install "de3-transformers[onnx]"`).
         FileNotFoundError: for a folder that holds no export.
     """
-    try:
-        from de3_onnx import OnnxEarlyExitClassifier
-    except ImportError as error:  # onnxruntime is an optional dependency
-        raise ImportError("backend='onnxruntime' needs onnxruntime: pip install 'de3-transformers[onnx]'.") from error
+    require("onnxruntime", extra="onnx", feature="backend='onnxruntime'")
+    from de3_onnx import OnnxEarlyExitClassifier
     return model if isinstance(model, OnnxEarlyExitClassifier) else OnnxEarlyExitClassifier(model)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .early_exit import RunningBatch, TokenExitState, encoder_steps, run_layer
-from .onnx_one_text import ONE_TEXT_GRAPH, RULE_POLICIES, write_one_text_graph
+from .extras import require
 from .signals import distance_ratio, max_probability, normalized_energy, normalized_entropy
 from .token_exit import running_average
 
@@ -145,9 +145,13 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
         The folder.
 
     Raises:
+        ImportError: without `onnx` (`pip install "de3-transformers[onnx]"`).
         ValueError: for a model whose weights are not float32.
         RuntimeError: for prototypes marked set that are not usable (not finite, or zero), as `predict_early`.
     """
+    require("onnx", extra="onnx", feature="export_onnx")
+    from .onnx_one_text import ONE_TEXT_GRAPH, RULE_POLICIES, write_one_text_graph  # it builds graphs with onnx
+
     config = model.config
     if model.dtype != torch.float32:
         raise ValueError(f"export_onnx exports float32 weights; this model is {model.dtype}: call model.float() first.")

@@ -45,10 +45,12 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
 
     When built, `backend="onnxruntime"` runs the model on ONNX Runtime (the `de3_onnx` runner; needs the package with
     its `onnx` extra): on `onnx_model` (a folder `export_onnx` wrote, or a runner) when given, otherwise on an export of
-    the pipeline's model into a temporary folder, written once when the pipeline is built.
+    the pipeline's model into a temporary folder, written once when the pipeline is built. `onnx_model` alone implies
+    `backend="onnxruntime"`.
 
     Raises (when built):
-        ValueError: for an unknown backend, or `backend="onnxruntime"` for a model that is not a DE3 model.
+        ValueError: for an unknown backend, `onnx_model` with `backend="pytorch"`, or `backend="onnxruntime"` for a
+            model that is not a DE3 model.
         ImportError: for `backend="onnxruntime"` without the package's onnx extra.
 
     Raises (when called):
@@ -57,20 +59,24 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
         TypeError: when `full_depth` or `return_exit_layer` is not a bool.
     """
 
-    def __new__(cls, *args, model=None, backend: str = "pytorch", onnx_model=None, **kwargs):
+    def __new__(cls, *args, model=None, backend: str | None = None, onnx_model=None, **kwargs):
         # Registered for the whole task: any other model gets the stock pipeline itself (not an instance of this
         # class, so Python does not run this class's __init__ on it).
         if model is not None and not is_early_exit_model(model):
-            if backend != "pytorch" or onnx_model is not None:
+            if backend not in (None, "pytorch") or onnx_model is not None:
                 raise ValueError(f"backend={backend!r} and onnx_model serve DE3 models; {type(model).__name__} is not "
                                  "one (export a plain model with optimum instead).")
             return TextClassificationPipeline(*args, model=model, **kwargs)
         return super().__new__(cls)
 
-    def __init__(self, *args, backend: str = "pytorch", onnx_model=None, **kwargs):
+    def __init__(self, *args, backend: str | None = None, onnx_model=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if backend not in ("pytorch", "onnxruntime"):
+        if backend not in (None, "pytorch", "onnxruntime"):
             raise ValueError(f"backend={backend!r} is unknown; choose 'pytorch' or 'onnxruntime'.")
+        if backend == "pytorch" and onnx_model is not None:
+            raise ValueError("onnx_model= is served on ONNX Runtime: pass backend='onnxruntime' (or leave backend out), "
+                             "or drop onnx_model to run on PyTorch.")
+        backend = backend or ("onnxruntime" if onnx_model is not None else "pytorch")
         self.runner, self._export_folder = None, None
         if backend == "onnxruntime":
             # Imported here, in a `try` (which `trust_remote_code`'s check of a checkpoint's imports skips): this file
@@ -80,7 +86,7 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
                 from de3_transformers.onnx_backend import onnx_runner
             except ImportError as error:
                 raise ImportError("backend='onnxruntime' needs the de3-transformers package with its onnx extra: pip "
-                                  "install 'de3-transformers[onnx]'.") from error
+                                  "install \"de3-transformers[onnx]\"") from error
             if onnx_model is None:
                 self._export_folder = tempfile.TemporaryDirectory(prefix="de3_onnx_")  # removed with the pipeline
                 onnx_model = export_onnx(self.model, self._export_folder.name, tokenizer=self.tokenizer)

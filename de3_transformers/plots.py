@@ -3,6 +3,17 @@ policy, and the per-layer exit histograms."""
 
 from pathlib import Path
 
+from .extras import require
+
+
+def _agg_figure(feature: str):
+    """matplotlib's `Figure`, drawn on an Agg canvas: the object-oriented API, no pyplot, so the caller's backend and
+    figures (a notebook's, say) are left alone."""
+    require("matplotlib", extra="plots", feature=feature)
+    from matplotlib.figure import Figure
+
+    return Figure
+
 
 def plot_tradeoff(curves: dict[str, list], path, full_accuracy: float | None = None,
                   speedup: str = "layer", title: str = "DE3 early exit: accuracy against layer speed-up") -> Path:
@@ -20,23 +31,16 @@ def plot_tradeoff(curves: dict[str, list], path, full_accuracy: float | None = N
         The path written.
 
     Raises:
-        ImportError: if matplotlib is not installed (`pip install matplotlib`).
+        ImportError: without matplotlib (`pip install "de3-transformers[plots]"`).
         ValueError: if `curves` is empty or `speedup` is unknown.
     """
-    try:
-        # The object-oriented API with an explicit Agg canvas: no pyplot, so the caller's backend and figures
-        # (a notebook's, say) are left alone.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("plot_tradeoff needs matplotlib: pip install matplotlib") from error
+    Figure = _agg_figure("plot_tradeoff")
     if not curves:
         raise ValueError("curves is empty; pass {label: tradeoff_curve(...)}.")
     if speedup not in ("layer", "flops"):
         raise ValueError(f"speedup={speedup!r} is unknown; choose 'layer' or 'flops'.")
     attribute = "speedup" if speedup == "layer" else "flops_speedup"
     figure = Figure(figsize=(6, 4), dpi=120)
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for label, points in curves.items():
         points = sorted(points, key=lambda point: getattr(point, attribute))
@@ -62,7 +66,7 @@ def plot_policy_comparison(curves: dict[str, list], path, full_accuracy: float |
     """Accuracy against speed-up (`"layer"` or `"flops"`), one line per policy, single points (the oracle) as stars.
 
     Raises:
-        ImportError: without matplotlib. ValueError: for empty curves or an unknown `speedup`.
+        ImportError: without matplotlib (the `plots` extra). ValueError: for empty curves or an unknown `speedup`.
     """
     return plot_tradeoff(curves, path, full_accuracy=full_accuracy, speedup=speedup,
                          title=title or "Exit policies: accuracy against speed-up")
@@ -72,15 +76,12 @@ def plot_exit_histograms(histograms: dict[str, dict[int, int]], path, title: str
     """Bar chart of [`exit_histogram`] results, one group of bars per exit layer, one colour per label.
 
     Raises:
-        ImportError: without matplotlib. ValueError: for no histograms.
+        ImportError: without matplotlib (the `plots` extra). ValueError: for no histograms.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    Figure = _agg_figure("plot_exit_histograms")
     if not histograms:
         raise ValueError("histograms is empty; pass {label: exit_histogram(...)}.")
     figure = Figure(figsize=(6, 3.5), dpi=120)
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     width = 0.8 / len(histograms)
     for offset, (label, counts) in enumerate(histograms.items()):

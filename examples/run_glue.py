@@ -41,6 +41,7 @@ from de3_transformers import (
     DE3TrainingArguments,
 )
 from de3_transformers.calibration import calibrate
+from de3_transformers.cli_errors import UsageError, parse_arguments, refusing_usage_errors
 from de3_transformers.evaluation import collect_exit_signals, evaluate_early_exit
 from de3_transformers.plots import plot_tradeoff
 from de3_transformers.data import GLUE_TASKS, load_glue_task, load_local_files, load_vader_movie_reviews
@@ -94,7 +95,7 @@ class ModelArguments:
         if self.label_map is not None:
             pairs = [pair.split(":", 1) for pair in self.label_map.split(",") if pair.strip()]
             if not pairs or any(len(pair) != 2 for pair in pairs):
-                raise ValueError(f"--label_map {self.label_map!r}: write data_label:checkpoint_class pairs separated "
+                raise UsageError(f"--label_map {self.label_map!r}: write data_label:checkpoint_class pairs separated "
                                  "by commas, e.g. '0:negative,1:positive'.")
             self.label_map = {data.strip(): model.strip() for data, model in pairs}
 
@@ -133,11 +134,11 @@ class DataArguments:
         if self.task_name is not None:
             self.task_name = self.task_name.lower()
             if self.task_name not in GLUE_TASKS:
-                raise ValueError(f"--task_name {self.task_name!r} is not a GLUE task: {', '.join(GLUE_TASKS)}.")
+                raise UsageError(f"--task_name {self.task_name!r} is not a GLUE task: {', '.join(GLUE_TASKS)}.")
         if self.dataset not in (None, "vader"):
-            raise ValueError(f"--dataset {self.dataset!r} is unknown; the built-in one is 'vader'.")
+            raise UsageError(f"--dataset {self.dataset!r} is unknown; the built-in one is 'vader'.")
         if not (self.train_file or self.validation_file or self.task_name or self.dataset):
-            raise ValueError("Say what to train on: --train_file/--validation_file, --task_name or --dataset vader.")
+            raise UsageError("Say what to train on: --train_file/--validation_file, --task_name or --dataset vader.")
 
 
 @dataclass
@@ -152,7 +153,7 @@ class CalibrationArguments:
     def __post_init__(self):
         for speedup in [self.target_speedup, *self.report_speedups]:
             if not speedup >= 1.0:
-                raise ValueError(f"Speed-ups must be >= 1, got {speedup}.")
+                raise UsageError(f"Speed-ups must be >= 1, got {speedup}.")
 
 
 def load_raw_data(data_args: DataArguments, seed: int) -> tuple[datasets.DatasetDict, str]:
@@ -170,7 +171,7 @@ def text_columns(data_args: DataArguments, columns: list[str]) -> tuple[str, str
         return GLUE_TASKS[data_args.task_name][0]
     text = data_args.text_column or next((name for name in ("sentence", "text") if name in columns), None)
     if text is None or text not in columns:
-        raise ValueError(f"No text column among {columns}; pass --text_column.")
+        raise UsageError(f"No text column among {columns}; pass --text_column.")
     return text, data_args.text_pair_column
 
 
@@ -198,7 +199,7 @@ def build_model(model_args: ModelArguments, labels: list[str]):
             model_args.model_name_or_path, **model_args.de3_options()
         )
     if config.model_type not in BACKBONE_CLASSES:
-        raise ValueError(f"{model_args.model_name_or_path} is a {config.model_type!r} model; DE3 needs BERT or RoBERTa.")
+        raise UsageError(f"{model_args.model_name_or_path} is a {config.model_type!r} model; DE3 needs BERT or RoBERTa.")
     return BACKBONE_CLASSES[config.model_type].from_backbone(
         model_args.model_name_or_path, **label_maps, **model_args.de3_options()
     )
@@ -218,7 +219,7 @@ def model_class_ids(model, labels: list[str], model_args: ModelArguments) -> dic
         unknown = sorted(set(model_args.label_map.values()) - set(names))
         missing = [label for label in labels if label not in model_args.label_map]
         if unknown or missing:
-            raise ValueError(f"--label_map must map every data label {labels} to one of the checkpoint's classes "
+            raise UsageError(f"--label_map must map every data label {labels} to one of the checkpoint's classes "
                              f"{names}; unknown classes: {unknown}, unmapped labels: {missing}.")
         return {label: config.label2id[model_args.label_map[label]] for label in labels}
     if set(labels) <= set(names):
@@ -229,26 +230,38 @@ def model_class_ids(model, labels: list[str], model_args: ModelArguments) -> dic
         return dict(config.label2id)
     example = ",".join(f"{label}:{name}" for label, name in zip(labels, names))
     if len(labels) != len(names):
-        raise ValueError(
+        raise UsageError(
             f"{model_args.model_name_or_path} has {len(names)} classes {names}, the data {len(labels)} labels "
             f"{labels}. Pass --ignore_mismatched_sizes true to train its heads and prototypes afresh for the data's "
             "labels."
         )
-    raise ValueError(
+    raise UsageError(
         f"The classes of {model_args.model_name_or_path} are {names}, the data's labels are {labels}. Pass "
         f"--label_map with the class each label means, for example --label_map {example}."
     )
 
 
+def argument_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, CalibrationArguments, DE3TrainingArguments))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, CalibrationArguments, DE3TrainingArguments))
+    """Trains, calibrates, reports and saves (see the module's docstring); returns the results table.
+
+    Raises:
+        UsageError: (a `ValueError`) for a mistake in the arguments or the data they name; run as a script, it prints
+            one line and exits with status 2.
+    """
+    parser = argument_parser()
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, calib_args, training_args = parser.parse_json_file(sys.argv[1])
     else:
-        model_args, data_args, calib_args, training_args = parser.parse_args_into_dataclasses(argv)
+        model_args, data_args, calib_args, training_args = parse_arguments(parser, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    if training_args.device.type == "cpu":  # pinned memory serves only copies to an accelerator; torch warns on CPU
+        training_args.dataloader_pin_memory = False
 
     raw, dataset_name = load_raw_data(data_args, training_args.seed)
     labels = label_names(data_args, raw)
@@ -257,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "validation" not in raw:
         if "train" not in raw:
-            raise ValueError("Give labelled validation data (--validation_file) or training data to split it from.")
+            raise UsageError("Give labelled validation data (--validation_file) or training data to split it from.")
         logger.info("No validation data given: holding out 10%% of the training data (seed %d).", training_args.seed)
         held_out = raw["train"].train_test_split(test_size=0.1, seed=training_args.seed)
         raw["train"], raw["validation"] = held_out["train"], held_out["test"]
@@ -351,9 +364,12 @@ def main(argv: list[str] | None = None) -> dict:
             "full_model": {name: rows[0][name] for name in metric_names},
             "early_exit": {**{name: at_target[name] for name in metric_names}, "speedup": at_target["speedup"]},
         }
+        if training_args.push_to_hub:  # the card's code loads the model by the id it gets there, `user/name`
+            trainer.init_hf_repo()
         write_model_card(output_dir, model, task_name=data_args.task_name or "text-classification",
                          dataset_name=dataset_name, base_model=model_args.base_model_name, training_setup=setup,
-                         eval_metrics=evaluation, calibration=chosen)
+                         eval_metrics=evaluation, calibration=chosen,
+                         **({"model_name": trainer.hub_model_id} if training_args.push_to_hub else {}))
         logger.info("Saved the calibrated model, its model card and results to %s", output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, dataset=dataset_name)
@@ -376,4 +392,5 @@ def print_table(rows: list[dict], metric_names, dataset_name: str, report_name: 
 
 
 if __name__ == "__main__":
-    main()
+    with refusing_usage_errors(argument_parser()):
+        main()

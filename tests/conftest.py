@@ -57,16 +57,34 @@ def train_prototypes(model, steps: int = 3, seed: int = 2):
 
 
 def blocking_imports(*packages: str) -> str:
-    """The first lines of a script for a subprocess in which importing any of `packages` fails, as where they are not
-    installed."""
+    """The first lines of a script for a subprocess in which `packages` are absent, as where they are not installed:
+    every finder answers that it has no such module (`importlib.util.find_spec` gives None, and importing raises
+    `ModuleNotFoundError`)."""
     return (
         "import sys\n"
-        "class Block:\n"
+        "class Hide:\n"
+        "    def __init__(self, finder):\n"
+        "        self.finder = finder\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] in {packages!r}:\n"
-        "            raise ImportError(name + ' is blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
+        f"        if name.split('.')[0] in {packages!r} or not hasattr(self.finder, 'find_spec'):\n"
+        "            return None\n"
+        "        return self.finder.find_spec(name, path, target)\n"
+        "    def __getattr__(self, name):\n"
+        "        return getattr(self.finder, name)\n"
+        "sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]\n"
     )
+
+
+def loopback_only(command: list[str]) -> list[str]:
+    """`command` in a network namespace of its own whose only device is the loopback, where the system allows it:
+    torchrun's rendezvous store listens on every address whatever --master_addr says. Elsewhere `command` as it is."""
+    import shutil
+    import subprocess
+
+    isolated = ["unshare", "--net", "--map-root-user", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    if shutil.which("unshare") and shutil.which("ip") and subprocess.run([*isolated, "true"]).returncode == 0:
+        return [*isolated, *command]
+    return command
 
 
 @pytest.fixture(params=sorted(BACKBONES))

@@ -1,7 +1,12 @@
-"""Calibration: the exit threshold for a target layer speed-up, chosen from one full-depth pass."""
+"""Calibration: the exit threshold for a target layer speed-up, chosen from one full-depth pass; its command refuses
+a user mistake with one line naming it and exit status 2, no traceback."""
 
 import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ from conftest import mixed_length_batch, tiny_model, train_prototypes
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def rows_of(input_ids, attention_mask, labels, key="label"):
@@ -303,7 +309,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch, tmp_path):
     # A None entry makes an import fail; every cached submodule too, or `from matplotlib.x import y` still works.
     for name in ["matplotlib", *(name for name in sys.modules if name.startswith("matplotlib."))]:
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(ImportError, match="pip install matplotlib"):
+    with pytest.raises(ImportError, match=r'pip install "de3-transformers\[plots\]"'):
         plot_tradeoff({"x": []}, tmp_path / "tradeoff.png")
 
 
@@ -399,17 +405,56 @@ def test_command_line_calibrates_another_policy_and_saves_it_as_the_default(save
     assert "patience @ 1.5x" in capsys.readouterr().out
 
 
+def refused(argv: list[str], capsys) -> str:
+    """The line `main(argv)` prints to stderr last, `<prog>: error: ...`, when it refuses `argv` with exit status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("python -m de3_transformers.calibration: error: "), line
+    return line
+
+
 @pytest.mark.parametrize("extra, message", [(["--lam", "1", "--lam_grid", "0,1"], "not both"),
                                             (["--target_speedup", "0.5"], ">= 1"),
                                             (["--lam_grid", "0,x"], "comma-separated numbers"),
+                                            (["--lam", "-1"], "--lam / --lam_grid: lam=-1.0"),
                                             (["--policy", "oracle"], "cannot be calibrated"),
-                                            (["--policy", "entropy", "--lam", "1"], "de3 only")])
-def test_command_line_arguments_are_validated(tmp_path, extra, message):
+                                            (["--policy", "entropy", "--lam", "1"], "de3 only"),
+                                            (["--lam_grd", "0,1"], r"unrecognized arguments: --lam_grd 0,1")])
+def test_command_line_arguments_are_validated(tmp_path, capsys, extra, message):
     data = tmp_path / "dev.tsv"
     data.write_text("sentence\tlabel\nfine\tpositive\n")
-    with pytest.raises(ValueError, match=message):
-        main(["--model_name_or_path", "unused", "--validation_file", str(data), "--output_dir", str(tmp_path),
-              *extra])
+    line = refused(["--model_name_or_path", "unused", "--validation_file", str(data), "--output_dir", str(tmp_path),
+                    *extra], capsys)
+    assert re.search(message, line), line
+
+
+def test_command_line_names_the_columns_the_file_lacks(saved_minilm, tmp_path, capsys):
+    model_dir, data, _ = saved_minilm
+    line = refused(["--model_name_or_path", str(model_dir), "--validation_file", str(data), "--text_column", "text",
+                    "--output_dir", str(tmp_path / "out")], capsys)
+    assert "Columns ['text'] are not in" in line and "pass --text_column, --text_pair_column and --label_column" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, mistake, message", [
+    (["-m", "de3_transformers", "calibrate"], ["--validation_file", "nowhere.tsv"],
+     r"^python -m de3_transformers calibrate: error: --validation_file nowhere\.tsv does not exist: pass the path"),
+    (["-m", "de3_transformers.calibration"], ["--target_speedup", "0.5"],
+     r"^python -m de3_transformers\.calibration: error: --target_speedup 0\.5 must be a number >= 1"),
+])
+def test_the_command_refuses_a_user_mistake_in_one_line_with_exit_status_2(tmp_path, command, mistake, message):
+    data = tmp_path / "dev.tsv"
+    data.write_text("sentence\tlabel\nfine\tpositive\n")
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    run = subprocess.run([sys.executable, *command, "--model_name_or_path", "unused", "--validation_file", str(data),
+                          "--output_dir", str(tmp_path / "out"), *mistake], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    (line,) = run.stderr.splitlines()
+    assert re.search(message, line), line
 
 
 def test_thinned_curves_still_give_the_smallest_threshold_reaching_the_target():

@@ -141,3 +141,69 @@ def test_run_glue_from_a_checkpoint_with_another_number_of_classes_starts_its_he
     saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert saved.config.id2label == {0: "bad", 1: "good", 2: "mixed"} and saved.classifier.out_features == 3
     assert saved.prototype_memory.initialized.all()  # the new prototypes were set by the training run
+
+
+def test_the_quickstart_says_first_which_data_it_uses_and_why(monkeypatch, capsys):
+    import quickstart
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    received = []
+    monkeypatch.setattr(quickstart, "run_glue", received.append)
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--max_train_samples", "64"])
+    quickstart.main()
+    data, model = capsys.readouterr().out.splitlines()
+    assert data.startswith("Data: the VADER movie-review snippets") and "Hub" in data and "not reachable" in data
+    assert "a seeded subset of 64 training samples" in model and "outputs/quickstart" in model
+    assert received[0][:2] == ["--dataset", "vader"]
+
+
+def test_from_backbone_names_the_fresh_heads_in_one_line_without_the_load_report_table(minilm_path, tmp_path):
+    import os
+    import subprocess
+
+    script = ("from de3_transformers import DE3BertForSequenceClassification\n"
+              f"DE3BertForSequenceClassification.from_backbone({minilm_path!r}, num_labels=2, exit_pooling='mean')\n")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "warning",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    stderr = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            cwd=tmp_path, check=True, timeout=120).stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    assert "LOAD REPORT" not in stderr and "MISSING" not in stderr
+    assert len(lines) == 1 and "Freshly initialised, to be trained before use: classifier, exit_classifiers" in lines[0]
+
+
+def test_run_glue_with_push_to_hub_writes_a_card_that_loads_the_model_by_its_hub_id(tmp_path, monkeypatch):
+    import run_glue as script
+
+    pushed = []
+
+    def init_hf_repo(trainer, token=None, private=None):  # what the Hub would answer: the repo under the user's name
+        trainer.hub_model_id = "someone/" + Path(trainer.args.output_dir).name
+
+    monkeypatch.setattr(script.DE3Trainer, "init_hf_repo", init_hf_repo)
+    monkeypatch.setattr(script.DE3Trainer, "push_to_hub", lambda trainer, **kwargs: pushed.append(trainer.hub_model_id))
+    run_glue(["--train_file", str(write_csv(tmp_path / "train.csv", ["positive", "negative"])),
+              "--output_dir", str(tmp_path / "de3-mine"), "--do_train", "--max_steps", "1",
+              "--per_device_train_batch_size", "8", "--max_seq_length", "16", "--report_to", "none",
+              "--save_strategy", "no", "--use_cpu", "true", "--push_to_hub", "true"])
+    card = (tmp_path / "de3-mine" / "README.md").read_text()
+    assert 'from_pretrained("someone/de3-mine")' in card and 'model="someone/de3-mine"' in card
+    assert set(pushed) == {"someone/de3-mine"}  # the Trainer pushes at the end of training too
+
+
+@pytest.mark.parametrize("script, arguments, message", [
+    ("run_glue.py", ["--dataset", "imdb", "--output_dir", "out"], "--dataset 'imdb' is unknown"),
+    ("quickstart.py", ["--no_such_option", "1"], "unrecognized arguments: --no_such_option 1"),
+])
+def test_the_example_scripts_refuse_a_mistake_in_one_line_with_exit_status_2(script, arguments, message, tmp_path):
+    import os
+    import subprocess
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    result = subprocess.run([sys.executable, str(examples / script), *arguments], capture_output=True, text=True,
+                            env=environment, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"{script}: error: {result.stderr.split(': error: ', 1)[1].strip()}"]
+    assert message in result.stderr

@@ -251,8 +251,8 @@ def test_the_pipeline_runs_on_onnx_runtime_with_one_argument(exported, dev_sente
     on_torch = pipeline("text-classification", model=model, tokenizer=tokenizer)
     expected = on_torch(dev_sentences[:24], return_exit_layer=True, batch_size=8)
     exported_here = pipeline("text-classification", model=model, tokenizer=tokenizer, backend="onnxruntime")
-    given = pipeline("text-classification", model=model, tokenizer=tokenizer, backend="onnxruntime",
-                     onnx_model=folder)
+    given = pipeline("text-classification", model=model, tokenizer=tokenizer, onnx_model=folder)  # implies the backend
+    assert given.runner is not None
     for onnx_pipeline in (exported_here, given):
         for batch_size in (1, 8):
             results = onnx_pipeline(dev_sentences[:24], return_exit_layer=True, batch_size=batch_size)
@@ -265,6 +265,8 @@ def test_the_pipeline_runs_on_onnx_runtime_with_one_argument(exported, dev_sente
                                                                                     full_depth=True)], abs=1e-4)
     with pytest.raises(ValueError, match="unknown"):
         pipeline("text-classification", model=model, tokenizer=tokenizer, backend="tensorrt")
+    with pytest.raises(ValueError, match="onnx_model= is served on ONNX Runtime"):
+        pipeline("text-classification", model=model, tokenizer=tokenizer, backend="pytorch", onnx_model=folder)
     from transformers import BertConfig, BertForSequenceClassification
 
     plain = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -1,11 +1,12 @@
 """The predict command: the input rows, in order, with the predictions added; an interrupted run (killed with
 SIGKILL) resumes without scoring finished chunks again and writes what an uninterrupted run writes, also with a
-speed-up budget; a run with other input or arguments refuses to resume; processes started by torchrun share the chunks
-and write what one process writes."""
+speed-up budget; a run with other input or arguments refuses to resume; a user mistake ends the command with one line
+naming it and exit status 2, no traceback; processes started by torchrun share the chunks and write what one process
+writes."""
 
 import json
 import os
-import shutil
+import re
 import signal
 import socket
 import subprocess
@@ -19,9 +20,12 @@ import torch
 
 from de3_transformers import EarlyExitClassifier
 from de3_transformers.__main__ import main as package_main
+from de3_transformers.cli_errors import OutputExistsError, UsageError
 from de3_transformers.data import load_glue_task
-from de3_transformers.predict_cli import PROGRESS_NAME, PredictArguments, fingerprint, main
+from de3_transformers.predict_cli import PROGRESS_NAME, PredictArguments, fingerprint, main, predict
 from de3_transformers.process_group import Processes
+
+from conftest import loopback_only
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -153,6 +157,18 @@ def test_the_number_of_processes_is_fingerprinted_only_with_a_budget(minilm_chec
     assert fingerprint(budget, world_size=2) != fingerprint(budget, world_size=1)  # a budget follows its process
 
 
+def refused(argv: list[str], capsys) -> str:
+    """The line `main(argv)` prints to stderr last, `<prog>: error: ...`, when it refuses `argv` with exit status 2
+    (progress bars may come before it: the subprocess tests below turn them off)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert ": error: " in line, line
+    return line
+
+
 def interrupt_after(monkeypatch, calls: int):
     """Makes the classifier fail on its `calls + 1`-th batch, as a run that stops there."""
     original, seen = EarlyExitClassifier.predict, []
@@ -175,12 +191,11 @@ def test_a_run_with_other_input_or_arguments_refuses_to_resume(minilm_checkpoint
         interrupt_after(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             main(arguments(minilm_checkpoint, source, output))
-    with pytest.raises(ValueError, match=r"another threshold \(it was \{'threshold': None\}\).*remove that folder"):
-        main(arguments(minilm_checkpoint, source, output, "--threshold", "0.5"))
+    assert re.search(r"another threshold \(it was \{'threshold': None\}\).*remove that folder",
+                     refused(arguments(minilm_checkpoint, source, output, "--threshold", "0.5"), capsys))
     original = source.read_bytes()
     source.write_bytes(original.replace(b"charming", b"dull"))
-    with pytest.raises(ValueError, match="another input_sha256"):
-        main(arguments(minilm_checkpoint, source, output))
+    assert "another input_sha256" in refused(arguments(minilm_checkpoint, source, output), capsys)
     source.write_bytes(original)
     capsys.readouterr()
     main(arguments(minilm_checkpoint, source, output))
@@ -205,34 +220,53 @@ def test_formats_are_read_and_written_as_asked(minilm_checkpoint, tmp_path):
     assert parquet["text"].tolist() == texts and parquet["second_label"].tolist() == parquet["label"].tolist()
 
 
-@pytest.mark.parametrize("extra, error, message", [
-    (["--text_column", "missing"], ValueError, r"no column 'missing' .*pass --text_column"),
-    (["--text_column", "label"], ValueError, "holds int64 values, not texts"),
-    (["--column_prefix", ""], ValueError, r"already has the column\(s\) \['label'\].*--column_prefix"),
-    (["--output_format", "xlsx"], ValueError, "--output_format 'xlsx' is unknown"),
-    (["--chunk_size", "0"], ValueError, "--chunk_size 0 must be a positive integer"),
-    (["--backend", "onnxruntime", "--device", "cpu"], ValueError, "--device applies to --backend pytorch"),
+@pytest.mark.parametrize("extra, message", [
+    (["--text_column", "missing"], r"no column 'missing' .*pass --text_column"),
+    (["--text_column", "label"], "holds int64 values, not texts"),
+    (["--column_prefix", ""], r"already has the column\(s\) \['label'\].*--column_prefix"),
+    (["--output_format", "xlsx"], "--output_format 'xlsx' is unknown"),
+    (["--chunk_size", "0"], "--chunk_size 0 must be a positive integer"),
+    (["--backend", "onnxruntime", "--device", "cpu"], "--device applies to --backend pytorch"),
+    (["--backend", "tensorrt"], "--backend 'tensorrt' is unknown; choose one of pytorch, onnxruntime"),
+    (["--threshold", "-1"], r"refuses these options: threshold=-1.0 .* must be"),
+    (["--target_speedup", "50"], r"refuses these options: target_speedup=50.0 must be between 1 and"),
+    (["--max_length", "100000"], r"refuses these options: max_length=100000 exceeds the \d+ positions"),
+    (["--chunksize", "5"], r"unrecognized arguments: --chunksize 5 \(see --help"),
 ])
-def test_bad_arguments_are_refused_naming_the_fix(minilm_checkpoint, sst2_csv, tmp_path, extra, error, message):
-    with pytest.raises(error, match=message):
-        main(arguments(minilm_checkpoint, sst2_csv, tmp_path / "out.csv", *extra))
+def test_bad_arguments_are_refused_naming_the_fix(minilm_checkpoint, sst2_csv, tmp_path, capsys, extra, message):
+    printed = refused(arguments(minilm_checkpoint, sst2_csv, tmp_path / "out.csv", *extra), capsys)
+    assert re.search(message, printed), printed
     assert list(tmp_path.iterdir()) == []  # refused before any work was saved
 
 
-def test_missing_texts_are_listed(minilm_checkpoint, tmp_path):
+def test_missing_texts_are_listed(minilm_checkpoint, tmp_path, capsys):
     source = tmp_path / "gaps.csv"
     source.write_text('id,text\n0,fine\n1,\n2,also fine\n3,""\n')
-    with pytest.raises(ValueError, match=r"2 missing texts \(rows \[1, 3\].*fill or drop"):
-        main(["--model", str(minilm_checkpoint), "--input_file", str(source), "--output_file", str(tmp_path / "o.csv")])
+    printed = refused(["--model", str(minilm_checkpoint), "--input_file", str(source), "--output_file",
+                       str(tmp_path / "o.csv")], capsys)
+    assert re.search(r"2 missing texts \(rows \[1, 3\].*fill or drop", printed), printed
 
 
-def test_an_existing_output_is_replaced_only_when_asked(minilm_checkpoint, sst2_csv, tmp_path):
+def test_user_mistakes_reach_callers_of_predict_as_the_errors_they_caught_before(minilm_checkpoint, sst2_csv,
+                                                                                  tmp_path):
+    with pytest.raises(UsageError, match="--output_format 'xlsx' is unknown") as error:
+        PredictArguments(model=str(minilm_checkpoint), input_file=str(sst2_csv), output_file="o.csv",
+                         output_format="xlsx")
+    assert isinstance(error.value, ValueError)
+    output = tmp_path / "scored.csv"
+    output.write_text("keep me")
+    with pytest.raises(OutputExistsError, match="--overwrite_output_file") as error:
+        predict(PredictArguments(model=str(minilm_checkpoint), input_file=str(sst2_csv), output_file=str(output),
+                                 text_column="sentence", column_prefix="predicted_"))
+    assert isinstance(error.value, FileExistsError) and isinstance(error.value, UsageError)
+
+
+def test_an_existing_output_is_replaced_only_when_asked(minilm_checkpoint, sst2_csv, tmp_path, capsys):
     source = tmp_path / "small.csv"
     pd.read_csv(sst2_csv).head(5).to_csv(source, index=False)
     output = tmp_path / "scored.csv"
     output.write_text("keep me")
-    with pytest.raises(FileExistsError, match="--overwrite_output_file"):
-        main(arguments(minilm_checkpoint, source, output))
+    assert "--overwrite_output_file" in refused(arguments(minilm_checkpoint, source, output), capsys)
     assert output.read_text() == "keep me"
     main(arguments(minilm_checkpoint, source, output, "--overwrite_output_file"))
     assert len(pd.read_csv(output)) == 5
@@ -252,6 +286,77 @@ def test_the_package_runs_its_commands_and_installs_de3_predict(capsys):
     assert getattr(__import__(module, fromlist=[name]), name) is main
 
 
+PROG = "python -m de3_transformers predict"
+
+
+def run_command(*command_arguments: str) -> subprocess.CompletedProcess:
+    """`python -m de3_transformers ...` in a subprocess, offline, with the libraries' warnings and progress bars off:
+    what a user sees on stderr, less the noise."""
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    return subprocess.run([sys.executable, "-m", "de3_transformers", *command_arguments], cwd=REPOSITORY, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_refused(run: subprocess.CompletedProcess, message: str) -> None:
+    """The command ended with exit status 2 and printed one line, `<prog>: error: ...` matching `message`, and no
+    traceback."""
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    (line,) = run.stderr.splitlines()
+    assert line.startswith(f"{PROG}: error: ") and re.search(message, line), line
+
+
+def existing_output(checkpoint, source: Path, folder: Path) -> tuple[list[str], str]:
+    (folder / "scored.csv").write_text("keep me")
+    return (arguments(checkpoint, source, folder / "scored.csv"),
+            r"scored\.csv exists: pass --overwrite_output_file to replace it")
+
+
+def label_column_already_there(checkpoint, source: Path, folder: Path) -> tuple[list[str], str]:
+    return ([*arguments(checkpoint, source, folder / "scored.csv"), "--column_prefix", ""],
+            r"already has the column\(s\) \['label'\]: pass --column_prefix \(e\.g\. predicted_\)")
+
+
+def missing_input_file(checkpoint, source: Path, folder: Path) -> tuple[list[str], str]:
+    return arguments(checkpoint, folder / "nowhere.csv", folder / "scored.csv"), r"nowhere\.csv does not exist: pass"
+
+
+def unknown_output_format(checkpoint, source: Path, folder: Path) -> tuple[list[str], str]:
+    return ([*arguments(checkpoint, source, folder / "scored.csv"), "--output_format", "xlsx"],
+            r"--output_format 'xlsx' is unknown; choose one of csv, tsv")
+
+
+def unknown_input_format(checkpoint, source: Path, folder: Path) -> tuple[list[str], str]:
+    (folder / "texts.xlsx").write_bytes(source.read_bytes())
+    return (arguments(checkpoint, folder / "texts.xlsx", folder / "scored.csv"),
+            r"texts\.xlsx must be a csv, tsv, json, jsonl, parquet file \(by its extension\)")
+
+
+@pytest.mark.parametrize("mistake", [existing_output, label_column_already_there, missing_input_file,
+                                     unknown_output_format, unknown_input_format], ids=lambda mistake: mistake.__name__)
+def test_the_command_refuses_a_user_mistake_in_one_line_with_exit_status_2(minilm_checkpoint, sst2_csv, tmp_path,
+                                                                           mistake):
+    command_arguments, message = mistake(minilm_checkpoint, sst2_csv, tmp_path)
+    assert_refused(run_command("predict", *command_arguments), message)
+    assert not (tmp_path / "scored.csv.partial").exists()
+
+
+def test_the_command_refuses_to_resume_with_changed_arguments_in_one_line(minilm_checkpoint, sst2_csv, tmp_path,
+                                                                          monkeypatch):
+    source = tmp_path / "small.csv"
+    pd.read_csv(sst2_csv).head(30).to_csv(source, index=False)
+    output = tmp_path / "scored.csv"
+    with monkeypatch.context() as patch:  # leaves scored.csv.partial/ with 2 of 5 chunks done
+        interrupt_after(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            main(arguments(minilm_checkpoint, source, output))
+    run = run_command("predict", *arguments(minilm_checkpoint, source, output, "--threshold", "0.5"))
+    assert_refused(run, r"scored\.csv\.partial holds an interrupted run with another threshold \(it was "
+                        r"\{'threshold': None\}\): rerun with the arguments .* or remove that folder")
+    assert json.loads((tmp_path / "scored.csv.partial" / PROGRESS_NAME).read_text())["chunks_done"] == 2  # kept
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -262,19 +367,15 @@ def torchrun(command_arguments: list[str], log_dir: Path) -> subprocess.Complete
     """`torchrun --nproc_per_node 2 -m de3_transformers predict ...` on the CPU; each process's output goes to
     `log_dir/<run>/attempt_0/<rank>/std{out,err}.log`.
 
-    Nothing may listen beyond the loopback: gloo is told to use it, but torchrun's rendezvous store listens on every
-    address whatever --master_addr says, so where the system allows it the run gets a network namespace of its own,
-    whose only device is the loopback."""
+    Nothing may listen beyond the loopback: gloo is told to use it, and the run gets a network namespace of its own
+    where the system allows it (`loopback_only`)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
               f"--master_port={free_port()}", "--log-dir", str(log_dir), "--redirects", "3",
               "-m", "de3_transformers", "predict", *command_arguments]
     env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": "", "GLOO_SOCKET_IFNAME": "lo",
            "TORCH_CPP_LOG_LEVEL": "ERROR"}  # c10d warns that the namespace cannot resolve names
-    isolated = ["unshare", "--net", "--map-root-user", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
-    if shutil.which("unshare") and shutil.which("ip") and subprocess.run([*isolated, "true"]).returncode == 0:
-        launch = [*isolated, *launch]
-    return subprocess.run(launch, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(loopback_only(launch), cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
 
 
 def process_output(log_dir: Path, rank: int) -> tuple[str, str]:
