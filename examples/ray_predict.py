@@ -19,6 +19,7 @@ of one CPU, runs on a 2-CPU machine; raise `--concurrency` on a bigger one.
 import argparse
 import os
 
+from de3_transformers.extras import require
 from de3_transformers.predictor import PREDICTION_COLUMNS
 
 
@@ -34,9 +35,9 @@ def score(dataset: "ray.data.Dataset", model: str, text_column: str, concurrency
     they went in; pass the classifier's other arguments (`column_prefix`, `text_pair_column`, `target_speedup`, exit
     options, ...) as keywords.
     """
-    import ray
-
     from de3_transformers import EarlyExitClassifier
+
+    ray = require("ray", extra="ray", feature="examples/ray_predict.py")
 
     # A dataset keeps a copy of the context current at its creation (recent Ray): setting the current one now is late.
     context = getattr(dataset, "context", None) or ray.data.DataContext.get_current()
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         # Read when ray is imported: without it Ray turns 127.0.0.1 into this machine's network address and its
         # servers listen on every interface. Not for --address: a driver on a cluster node needs its real address.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
+    ray = require("ray", extra="ray", feature="examples/ray_predict.py")
 
     if args.address:
         ray.init(address=args.address)
