@@ -50,7 +50,8 @@ def main() -> None:
         "# Import time of de3_transformers",
         "",
         f"Command: `python benchmarks/import_time.py --rounds {args.rounds}`. Hardware: CPU: {cpu_name()}, "
-        f"{os.cpu_count()} cores (shared with other jobs). Each import in a fresh process, the two taking turns; seconds measured around the import.",
+        f"{os.cpu_count()} cores (shared with other jobs). Each import in a fresh process, the two taking turns; "
+        "seconds measured around the import.",
         "",
         "| import | median s | fastest s | slowest s |",
         "|---|---|---|---|",

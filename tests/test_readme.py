@@ -103,7 +103,8 @@ def test_readme_usage_example_runs(capsys):
 
 
 def test_the_pipeline_block(root):
-    assert len(printed_answers(run_block('transformers.pipeline("text-classification", model="outputs/quickstart")', root))) == 3
+    marker = 'transformers.pipeline("text-classification", model="outputs/quickstart")'
+    assert len(printed_answers(run_block(marker, root))) == 3
 
 
 def test_the_onnx_block(root):
