@@ -18,6 +18,8 @@ same graphs joined by ONNX `If`s, with the policy's rule inside, so the text lea
 """
 
 import json
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,8 @@ except ImportError as error:  # an optional dependency of de3-transformers
     raise ImportError('de3_onnx needs onnxruntime, which is not installed: pip install "de3-transformers[onnx]"') \
         from error
 
+from .checks import DEFAULT_MAX_LAMBDA, check_inputs, check_policy_parameters
+from .export_files import check_export, check_graph, check_num_labels
 from .policies import POLICY_NAMES, Policy
 
 
@@ -49,6 +53,11 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
+def _number(value, cast, default):
+    """`cast(value)` for a finite number, else `default` (for a parameter the policy does not read)."""
+    return cast(value) if isinstance(value, numbers.Real) and math.isfinite(value) else default
+
+
 class OnnxEarlyExitClassifier:
     """A DE3 model exported with `export_onnx`, served on ONNX Runtime with per-sample early exit.
 
@@ -59,6 +68,8 @@ class OnnxEarlyExitClassifier:
 
     Raises:
         FileNotFoundError: when `folder` holds no export.
+        ValueError (`de3_onnx.export_files.ExportMismatchError`): when its files do not belong together (as
+            `check_export`: edited `exit_layers` or `num_labels`, a graph missing, changed or of another export).
     """
 
     def __init__(self, folder, threads: int | None = None, providers: list[str] | None = None):
@@ -68,11 +79,14 @@ class OnnxEarlyExitClassifier:
                 f"{folder} holds no {ONNX_CONFIG_NAME}: write it with de3_transformers.export_onnx.")
         self.folder = folder
         self.config = json.loads((folder / ONNX_CONFIG_NAME).read_text())
+        check_export(folder, self.config, ONNX_CONFIG_NAME)
         self.id2label = {int(index): name for index, name in self.config["id2label"].items()}
         options, providers = session_options(threads), providers or ["CPUExecutionProvider"]
-        self.embeddings = ort.InferenceSession(str(folder / "embeddings.onnx"), options, providers=providers)
-        self.exits = [ort.InferenceSession(str(folder / f"exit_{index}.onnx"), options, providers=providers)
+        self.embeddings = self._session(folder / "embeddings.onnx", options, providers)
+        self.exits = [self._session(folder / f"exit_{index}.onnx", options, providers)
                       for index in range(len(self.config["exit_layers"]))]
+        check_num_labels(self.exits[-1], folder / f"exit_{len(self.exits) - 1}.onnx", self.config)
+        self.limits = self._limits()
         self.input_names = [[tensor.name for tensor in session.get_inputs()] for session in self.exits]
         self.output_names = [[tensor.name for tensor in session.get_outputs()] for session in self.exits]
         self._tokenizer, self._one_text, self._session_args = None, None, (threads, providers)
@@ -88,9 +102,21 @@ class OnnxEarlyExitClassifier:
             options = ort.SessionOptions()
             if threads is not None:
                 options.intra_op_num_threads = threads
-            self._one_text = ort.InferenceSession(str(self.folder / name), options,
-                                                  providers=providers or ["CPUExecutionProvider"])
+            self._one_text = self._session(self.folder / name, options, providers or ["CPUExecutionProvider"])
         return self._one_text
+
+    def _session(self, path: Path, options, providers) -> ort.InferenceSession:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        check_graph(session, path, self.config)
+        return session
+
+    def _limits(self) -> dict:
+        """What the input checks read: the sizes from the settings, or for an export written before they were
+        recorded there, from its `config.json` (not checked when neither has them)."""
+        config_path, config = self.folder / "config.json", self.config
+        model_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        return {"max_sequence_length": config["max_sequence_length"],
+                **{key: config.get(key, model_config.get(key)) for key in ("vocab_size", "type_vocab_size")}}
 
     @property
     def tokenizer(self):
@@ -126,8 +152,11 @@ class OnnxEarlyExitClassifier:
         """The exit policy, its parameters defaulting to the exported (calibrated) ones, as `build_exit_policy`.
 
         Raises:
-            ValueError: for an unknown policy, a threshold of another policy missing, a parameter that is not
-                finite (or a negative lambda or patience), or prototypes the policy reads that were never set.
+            ValueError: for an unknown policy, a threshold of another policy missing, a parameter the policy reads
+                out of its range as `predict_early` checks it (`checks.check_policy_parameters`: not a finite number
+                or a bool, a negative threshold of a policy whose signal is at least 0, lam above the export's
+                `max_lambda`, a patience that is not an integer >= 0, >= 1 for patient_confident), or prototypes the
+                policy reads that were never set.
         """
         config = self.config
         name = policy or config["early_exit_policy"]
@@ -138,11 +167,12 @@ class OnnxEarlyExitClassifier:
                 raise ValueError(f"policy={name!r} is not the exported one ({config['early_exit_policy']!r}): pass its "
                                  "threshold.")
             threshold = config["early_exit_threshold"]
-        built = Policy(name, float(threshold), float(config["early_exit_lambda"] if lam is None else lam),
-                       int(config["early_exit_patience"] if patience is None else patience))
-        if not (np.isfinite(built.threshold) and np.isfinite(built.lam) and built.lam >= 0 and built.patience >= 0):
-            raise ValueError(f"threshold={threshold!r}, lam={lam!r} and patience={patience!r} must be finite, with lam "
-                             "and patience at least 0.")
+        parameters = {"threshold": threshold, "lam": config["early_exit_lambda"] if lam is None else lam,
+                      "patience": config["early_exit_patience"] if patience is None else patience}
+        check_policy_parameters(name, parameters, config.get("max_lambda", DEFAULT_MAX_LAMBDA))
+        # A parameter the policy does not read is ignored (unchecked), as `get_exit_policy` ignores it.
+        built = Policy(name, _number(parameters["threshold"], float, 0.0), _number(parameters["lam"], float, 1.0),
+                       _number(parameters["patience"], int, 2))
         if built.needs_distance_ratio and not config["prototypes_initialized"]:
             raise ValueError("This model's prototypes were never set, so the distance ratio is unknown: train it, or "
                              "use lam=0 (entropy alone).")
@@ -160,8 +190,11 @@ class OnnxEarlyExitClassifier:
             "speedup": layer speed-up M * B / sum(exit_layers)}`.
 
         Raises:
-            ValueError: as [`build_policy`], and for inputs of another shape than `[B, L]`, empty, or longer than
-                the position embeddings.
+            ValueError: as [`build_policy`], and as `checks.check_inputs` (as `predict_early`): inputs empty or of
+                another shape than `[B, L]`, longer than the position embeddings, a mask or token types of another
+                shape, a mask of values other than 0/1, with a row attending to nothing or starting with padding, ids
+                out of the vocabulary or token types out of the type vocabulary.
+            TypeError: for ids that are not int64 / int32 (float ids, for instance).
             FloatingPointError: when a sample's answer is not finite.
         """
         rule = self.build_policy(policy, threshold, lam, patience)
@@ -245,13 +278,7 @@ class OnnxEarlyExitClassifier:
         (self.folder / ONNX_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
 
     def _inputs(self, input_ids, attention_mask, token_type_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        if input_ids.ndim != 2 or 0 in input_ids.shape or input_ids.shape[1] > self.config["max_sequence_length"]:
-            raise ValueError(f"input_ids of shape {input_ids.shape}: give [batch, length], neither empty, with length "
-                             f"at most {self.config['max_sequence_length']} (truncate longer texts).")
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        types = np.zeros_like(input_ids) if token_type_ids is None else np.asarray(token_type_ids, dtype=np.int64)
-        return input_ids, mask, types
+        return check_inputs(input_ids, attention_mask, token_type_ids, **self.limits)
 
     def _step(self, index: int, running: dict) -> dict:
         """Runs exit graph `index` on the running rows, puts what the next graph reads into `running` (each
@@ -285,10 +312,22 @@ class OnnxEarlyExitClassifier:
             A list of `{"label", "score" (softmax probability of the label), "exit_layer"}`, one per text.
 
         Raises:
-            ValueError: as [`predict`].
+            TypeError: for a text or pair that is not a string (`None`, for instance), or a `batch_size` that is not
+                an integer.
+            ValueError: for `batch_size` below 1, a count of pairs other than of texts, and as [`predict`].
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            error = ValueError if isinstance(batch_size, numbers.Integral) else TypeError
+            raise error(f"batch_size={batch_size!r}: give an integer of at least 1 (texts classified per batch).")
         texts = [texts] if isinstance(texts, str) else list(texts)
         pairs = None if text_pairs is None else ([text_pairs] if isinstance(text_pairs, str) else list(text_pairs))
+        for name, values in (("texts", texts), ("text_pairs", pairs or [])):
+            wrong = [index for index, value in enumerate(values) if not isinstance(value, str)]
+            if wrong:
+                raise TypeError(f"{name}[{wrong[0]}] is {values[wrong[0]]!r}, not a string: give a string for every "
+                                "text and pair (drop or fill the missing ones).")
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"Got {len(pairs)} text_pairs for {len(texts)} texts: give one pair per text.")
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
         results = [None] * len(texts)
         for start in range(0, len(order), batch_size):

@@ -178,6 +178,8 @@ def run_early_exit(model, input_ids, attention_mask, token_type_ids, policy: Exi
     Raises:
         FloatingPointError: when a sample's answer is not finite (its logits at the exit it answered from hold NaN or
             inf); samples never leave on non-finite outputs, so this means the top exit itself is not finite.
+        RuntimeError: when the policy reads the distance ratio and some prototype is unusable by the end of the run
+            (changed since `check_policy` last checked them, e.g. through `.data`).
     """
     config = model.config
     with_ratio, with_scores = policy.needs_distance_ratio, policy.needs_exit_scores
@@ -223,9 +225,16 @@ def run_early_exit(model, input_ids, attention_mask, token_type_ids, policy: Exi
             rows = torch.argsort((~batch.live).to(torch.uint8), stable=True)[:compacted]
             batch, state = batch.select(rows), policy.select(state, rows)
 
-    # The one host synchronisation after the loop serves both the speed-up and the check of the answers.
+    # The one host synchronisation after the loop serves the speed-up, the check of the answers and, for policies
+    # that read the distance ratio, a fresh check of the prototypes: `check_policy`'s is remembered across calls and
+    # cannot see a change made through `.data`, which would otherwise change the answers silently.
     not_finite = ~torch.isfinite(out_logits.sum(dim=-1))
-    layer_total, num_not_finite = torch.stack([out_layers.sum(), not_finite.sum()]).tolist()
+    checks = [out_layers.sum(), not_finite.sum()]
+    if with_ratio:
+        checks.append(model.prototype_memory.unusable_count().to(out_layers.device))
+    layer_total, num_not_finite, *num_unusable = torch.stack(checks).tolist()
+    if num_unusable and num_unusable[0]:
+        model.prototype_memory.require_usable(recheck=True)
     if num_not_finite:
         _raise_not_finite(not_finite, out_layers)
     speedup = config.num_hidden_layers * size / layer_total  # docs/method.md eq. 12, as `simulation.layer_speedup`

@@ -10,8 +10,9 @@ def check_inputs(model, input_ids, attention_mask=None, token_type_ids=None, inp
     Raises:
         TypeError: for inputs that are not tensors, or `input_ids` that are not `torch.long` / `int32` ids.
         ValueError: for a missing, empty or wrongly shaped input, one longer than the model's positions, one on
-            another device than the model, an `attention_mask` of other values than 0 and 1 or with a row that attends
-            to no token, token ids outside the vocabulary, or `token_type_ids` outside `[0, type_vocab_size)`.
+            another device than the model, an `attention_mask` of other values than 0 and 1, with a row that attends
+            to no token or with a row that starts with padding (left padding), token ids outside the vocabulary, or
+            `token_type_ids` outside `[0, type_vocab_size)`.
     """
     named = (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
              ("inputs_embeds", inputs_embeds))
@@ -58,13 +59,13 @@ def _check_values(model, input_ids, attention_mask, token_type_ids) -> None:
             reductions += tensor.aminmax()
     if attention_mask is not None:
         mask = attention_mask if attention_mask.dtype != torch.bool else attention_mask.long()
-        reductions += [*mask.aminmax(), mask.sum(dim=-1).amin()]
+        reductions += [*mask.aminmax(), mask.sum(dim=-1).amin(), mask[:, 0].amin()]
     dtypes = {tensor.dtype for tensor in reductions}
     if len(dtypes) > 1:
         reductions = [tensor.double() for tensor in reductions]
     values = torch.stack(reductions).tolist()
     if attention_mask is not None:
-        *values, mask_low, mask_high, fewest_attended = values
+        *values, mask_low, mask_high, fewest_attended, first_attended = values
         if mask_low < 0 or mask_high > 1:
             found = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:4].tolist()
             raise ValueError(
@@ -76,6 +77,15 @@ def _check_values(model, input_ids, attention_mask, token_type_ids) -> None:
             # A row that attends to nothing would come out of attention as NaN.
             empty = (attention_mask == 0).all(dim=-1).nonzero().flatten().tolist()
             raise ValueError(f"Rows {empty[:8]} of attention_mask attend to no token; drop them or fix the mask.")
+        if first_attended <= 0:
+            # BERT and RoBERTa number positions from the first slot (and `exit_pooling="first"` reads it), so a
+            # left-padded text gets other positions than alone: its answer would change with the batch it is in.
+            rows = (attention_mask[:, 0] == 0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"Rows {rows[:8]} of attention_mask start with padding (left padding): the model numbers positions "
+                "from the first slot, so their answers would depend on the batch. Pad on the right: set "
+                "tokenizer.padding_side = 'right' (the pipeline and EarlyExitClassifier pad on the right themselves)."
+            )
     # An id out of range would fail deep in the embedding (on a GPU, as a device assert).
     limits = (("input_ids", input_ids, "token ids", "the vocabulary has", model.config.vocab_size,
                "use the tokenizer that belongs to this model"),

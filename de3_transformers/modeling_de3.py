@@ -134,10 +134,14 @@ class DE3ModelMixin(DE3CheckpointMixin):
                 Also return `entropy`, `distance_ratio` and the loss parts.
 
         Raises:
-            ValueError: for inputs of the wrong shape or device, or labels out of range.
+            ValueError: for inputs of the wrong shape or device, labels out of range, or `config.exit_layers` changed
+                from the layers the exits were trained at.
+            RuntimeError: in eval mode with `output_exit_signals`, when some prototype marked set is unusable (not
+                finite, or zero).
         """
         check_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds)
         config = self.config
+        self.prototype_memory.require_exit_layers(config.exit_layers, config.num_hidden_layers)
         return_dict = return_dict if return_dict is not None else config.return_dict
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
@@ -174,6 +178,8 @@ class DE3ModelMixin(DE3CheckpointMixin):
                 # Set in field order: `to_tuple` (and so the Trainer's predictions) follows the order of assignment.
                 output.entropy = normalized_entropy(exit_logits[:-1]).transpose(0, 1)
                 if self.prototype_memory.all_initialized:
+                    if not self.training:  # in training they change every step, and an update checks them itself
+                        self.prototype_memory.require_usable()
                     output.distance_ratio = distance_ratio(
                         exit_logits[:-1], features, self.prototype_memory.prototypes, config.distance
                     ).transpose(0, 1)
@@ -242,14 +248,16 @@ class DE3ModelMixin(DE3CheckpointMixin):
         Raises:
             ValueError: for an unknown policy, a parameter out of range (negative, infinite or NaN threshold or
                 lambda); a policy without its threshold; inputs of the wrong shape or device; a row with no attended
-                token; `"learned"` on a model without learning-to-exit heads; `"oracle"` without labels.
+                token; `"learned"` on a model without learning-to-exit heads; `"oracle"` without labels;
+                `config.exit_layers` changed from the layers the exits were trained at (checked on every call).
             RuntimeError: when the policy reads the distance ratio and some prototype is unusable (never initialised,
-                not finite, or zero).
+                not finite, or zero; checked on every call, at no extra host synchronisation).
             FloatingPointError: when a sample's answer is not finite (NaN or inf weights; no sample ever leaves on a
                 non-finite exit, so this is the top exit's answer).
         """
         policy = build_exit_policy(self.config, policy, threshold=threshold, lam=lam, patience=patience)
         check_inputs(self, input_ids, attention_mask, token_type_ids)
+        self.prototype_memory.require_exit_layers(self.config.exit_layers, self.config.num_hidden_layers)
         labels = check_policy(self, policy, input_ids.shape[0], labels)
         with without_dropout(self):
             return run_early_exit(self, input_ids, attention_mask, token_type_ids, policy, labels)

@@ -12,12 +12,17 @@ model is measured in `benchmarks/results/onnxruntime_cpu.md`.
 
 import json
 import os
+import re
+import secrets
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .configuration_de3 import MAX_LAMBDA
 from .early_exit import RunningBatch, TokenExitState, encoder_steps, run_layer
 from .extras import require
 from .signals import distance_ratio, max_probability, normalized_energy, normalized_entropy
@@ -25,6 +30,7 @@ from .token_exit import running_average
 
 
 ONNX_CONFIG_NAME = "de3_onnx.json"  # the name `de3_onnx.runner` reads (that package cannot import this torch module)
+EXPORT_ID_KEY = "de3_export_id"  # the graphs' metadata key `de3_onnx.export_files` reads
 OPSET = 17
 # Additive attention bias of padding tokens: large enough to zero their softmax weight in fp32, small enough to keep
 # sums finite (the value `transformers` uses is finfo.min, which overflows when added twice).
@@ -133,6 +139,12 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
     the exit graphs prune tokens as `predict_early` does and pass the shortened sequence on. Load it with
     `de3_onnx.OnnxEarlyExitClassifier(save_directory)`.
 
+    The files are written into a temporary folder beside `save_directory` and moved in, `de3_onnx.json` last (a
+    previous export's is removed first), holding a manifest: a random export id, also written into every graph's
+    metadata, and each file's size. An export interrupted while writing leaves the previous export whole, one
+    interrupted while moving files in leaves a folder that does not load (no `de3_onnx.json`): never one mixing two
+    models' graphs. The runner checks the manifest at load (`de3_onnx.export_files`).
+
     Args:
         model: a DE3 model (fp32; any training objective); exported on CPU in eval mode, then restored.
         save_directory: the folder to write (created).
@@ -158,8 +170,20 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
     if model.prototype_memory.all_initialized:
         model.prototype_memory.require_usable()  # baked into the graphs: a bad prototype must not get that far
     one_text_graph = one_text_graph and config.early_exit_policy in RULE_POLICIES
-    folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    target = Path(save_directory)
+    target.mkdir(parents=True, exist_ok=True)
+    # Beside the target, so that moving the files in is a rename on the same file system.
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.export-", dir=target.parent) as temporary:
+        folder = Path(temporary)
+        _write_export(model, folder, tokenizer, opset, one_text_graph, write_one_text_graph, ONE_TEXT_GRAPH)
+        _move_in(folder, target)
+    return target
+
+
+def _write_export(model, folder: Path, tokenizer, opset: int, one_text_graph: bool, write_one_text_graph,
+                  one_text_name: str) -> None:
+    """Writes the whole export into `folder` (a fresh temporary one), `de3_onnx.json` with its manifest included."""
+    config = model.config
     device, training, attention = model.device, model.training, config._attn_implementation
     # Each graph builds an additive mask from `attention_mask`, which the eager attention reads as it is.
     model.set_attn_implementation("eager")
@@ -173,6 +197,14 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
     finally:
         model.set_attn_implementation(attention)
         model.to(device).train(training)
+    export_id = secrets.token_hex(8)
+    for path in folder.glob("*.onnx"):
+        _stamp(path, export_id)
+    config.save_pretrained(folder)  # for the torch side: calibration on the exported graphs reads it
+    # Left out of the manifest: calibration saves the config (and its remote code) into the folder again.
+    config_files = {path.name for path in folder.iterdir() if path.suffix != ".onnx"}
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     settings = {
         "model_type": config.model_type,
         "num_hidden_layers": config.num_hidden_layers,
@@ -188,14 +220,43 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
         "early_exit_patience": config.early_exit_patience,
         "pad_token_id": config.pad_token_id,
         "max_sequence_length": model.max_sequence_length,
-        "one_text_graph": ONE_TEXT_GRAPH if one_text_graph else None,
+        "one_text_graph": one_text_name if one_text_graph else None,
         "one_text_policy": config.early_exit_policy if one_text_graph else None,
+        # What the runner's input and parameter checks read (`de3_onnx.checks`), as `predict_early` checks them.
+        "vocab_size": config.vocab_size,
+        "type_vocab_size": config.type_vocab_size,
+        "max_lambda": MAX_LAMBDA,
+        # The manifest (`de3_onnx.export_files`): the graphs and the tokenizer's files.
+        "export_id": export_id,
+        "files": {path.name: path.stat().st_size for path in sorted(folder.iterdir())
+                  if path.is_file() and path.name not in config_files},
     }
     (folder / ONNX_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
-    config.save_pretrained(folder)  # for the torch side: calibration on the exported graphs reads it
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return folder
+
+
+def _stamp(path: Path, export_id: str) -> None:
+    """Writes the export id into a graph's metadata, where the runner reads it at load."""
+    import onnx
+
+    graph = onnx.load(path)
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = EXPORT_ID_KEY, export_id
+    onnx.save(graph, path)
+
+
+def _move_in(folder: Path, target: Path) -> None:
+    """Moves the export written in `folder` into `target`: first removes the old settings (so that the folder does not
+    load until the new export is complete) and the old exit graphs (an export with fewer exits must not leave graphs
+    behind), then moves every file, `de3_onnx.json` last."""
+    (target / ONNX_CONFIG_NAME).unlink(missing_ok=True)
+    for path in target.glob("*.onnx"):
+        if re.fullmatch(r"exit_\d+\.onnx|embeddings\.onnx|one_text\.onnx", path.name):
+            path.unlink()
+    for path in sorted(folder.iterdir(), key=lambda path: path.name == ONNX_CONFIG_NAME):
+        destination = target / path.name
+        if path.is_dir():  # none today; a tokenizer could save a folder
+            shutil.rmtree(destination, ignore_errors=True)
+        os.replace(path, destination)
 
 
 @torch.no_grad()

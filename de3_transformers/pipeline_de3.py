@@ -13,6 +13,8 @@ The file travels with checkpoints: it imports nothing from the package but the t
 `backend="onnxruntime"` only, the export and the runner, when the pipeline is built).
 """
 
+import difflib
+import inspect
 import tempfile
 from typing import Any
 
@@ -24,6 +26,9 @@ from .configuration_de3 import PIPELINE_TASKS_SERVED
 
 
 TASK = "text-classification"
+# The options of this pipeline's own (beside the tokenizer's arguments, which the stock pipeline passes through).
+PIPELINE_OPTIONS = ("function_to_apply", "top_k", "policy", "threshold", "lam", "patience", "full_depth",
+                    "return_exit_layer")
 
 
 def is_early_exit_model(model) -> bool:
@@ -53,10 +58,15 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
             model that is not a DE3 model.
         ImportError: for `backend="onnxruntime"` without the package's onnx extra.
 
+    Batches are padded on the right whatever the tokenizer's `padding_side`: BERT and RoBERTa number positions from
+    the first slot, so left padding would change the answers with the batch size.
+
     Raises (when called):
         ValueError: as `predict_early`, for an unknown policy or a parameter out of range; for inputs longer than
             the model's position embeddings (pass `truncation=True`).
-        TypeError: when `full_depth` or `return_exit_layer` is not a bool.
+        TypeError: when `full_depth` or `return_exit_layer` is not a bool, or for an option that is neither this
+            pipeline's nor a tokenizer argument (a misspelling, which the stock pipeline would silently ignore).
+        FloatingPointError: when an answer is not finite (NaN or inf weights), with `full_depth=True` as without.
     """
 
     def __new__(cls, *args, model=None, backend: str | None = None, onnx_model=None, **kwargs):
@@ -109,6 +119,7 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
         return_exit_layer: bool | None = None,
         **tokenizer_kwargs,
     ):
+        _refuse_unknown_options(self.tokenizer, tokenizer_kwargs)
         preprocess, _, postprocess = super()._sanitize_parameters(function_to_apply, top_k, **tokenizer_kwargs)
         for name, flag in (("full_depth", full_depth), ("return_exit_layer", return_exit_layer)):
             if flag is not None and not isinstance(flag, bool):
@@ -121,16 +132,19 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
         return preprocess, forward, postprocess
 
     def _forward(self, model_inputs, full_depth: bool = False, **exit_parameters) -> dict[str, torch.Tensor]:
+        model_inputs = padded_on_the_right(model_inputs)
         if self.runner is not None:
             arrays = {name: tensor.cpu().numpy() for name, tensor in model_inputs.items()}
             if full_depth:
-                logits = self.runner.exit_outputs(**arrays)["exit_logits"][:, -1]
+                logits = torch.from_numpy(self.runner.exit_outputs(**arrays)["exit_logits"][:, -1])
+                _require_finite(logits)
                 layers = torch.full(logits.shape[:1], self.model.config.num_hidden_layers)
-                return {"logits": torch.from_numpy(logits), "exit_layer": layers}
+                return {"logits": logits, "exit_layer": layers}
             result = self.runner.predict(**arrays, **exit_parameters)
             return {"logits": torch.from_numpy(result["logits"]), "exit_layer": torch.from_numpy(result["exit_layers"])}
         if full_depth:
             logits = self.model(**model_inputs).logits
+            _require_finite(logits)
             layers = torch.full(logits.shape[:1], self.model.config.num_hidden_layers, device=logits.device)
             return {"logits": logits, "exit_layer": layers}
         result = self.model.predict_early(**model_inputs, **exit_parameters)
@@ -143,6 +157,65 @@ class DE3TextClassificationPipeline(TextClassificationPipeline):
             for entry in [result] if isinstance(result, dict) else result:
                 entry["exit_layer"] = layer
         return result
+
+
+def padded_on_the_right(model_inputs: dict) -> dict:
+    """`model_inputs` with every row's attended tokens moved to the front (padding on the right), in their order.
+
+    BERT and RoBERTa number positions from the first slot (and read the first token with `exit_pooling="first"`), so
+    a left-padded row gets other positions than the same text alone: answers would change with the batch size.
+    Unchanged (and no copy) when no row starts with padding."""
+    mask = model_inputs.get("attention_mask")
+    if mask is None or bool(mask[:, 0].all()):
+        return model_inputs
+    # A stable sort of "is padding" keeps the attended tokens in order and puts them first.
+    order = torch.argsort((mask == 0).to(torch.uint8), dim=1, stable=True)
+    return {name: value.gather(1, order) if isinstance(value, torch.Tensor) and value.shape == mask.shape else value
+            for name, value in model_inputs.items()}
+
+
+def _require_finite(logits: torch.Tensor) -> None:
+    """Raises FloatingPointError when some logits are NaN or inf, as `predict_early` does for its answers."""
+    not_finite = ~torch.isfinite(logits.float()).all(dim=-1)
+    if bool(not_finite.any()):
+        samples = not_finite.nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"The full-depth logits of samples {samples[:8]}{' ...' if len(samples) > 8 else ''} of the batch are not "
+            "finite (NaN or inf). The model's weights hold NaN or inf, from a diverged training run or an fp16 "
+            "overflow: check torch.isfinite on the weights of the last exit and of the backbone, and retrain with a "
+            "smaller learning rate or bf16/fp32."
+        )
+
+
+def _tokenizer_arguments(tokenizer) -> set[str]:
+    """The named arguments a call of `tokenizer` takes (the stock pipeline passes its unknown options there)."""
+    names = set()
+    for function in (type(tokenizer).__call__, getattr(type(tokenizer), "_encode_plus", None)):
+        if function is not None:
+            names |= {name for name, parameter in inspect.signature(function).parameters.items()
+                      if name != "self" and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)}
+    return names
+
+
+def _refuse_unknown_options(tokenizer, options: dict) -> None:
+    """Raises TypeError for an option that is neither the pipeline's nor a tokenizer argument.
+
+    The stock pipeline hands every option it does not know to the tokenizer, which only warns and drops it, so a
+    misspelled `thresold=0.3` would leave the calibrated threshold in place without a word.
+    """
+    if tokenizer is None or not options:
+        return
+    known = _tokenizer_arguments(tokenizer)
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, [*PIPELINE_OPTIONS, *sorted(known)], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise TypeError(
+            f"{name}={options[name]!r} is not an option of the DE3 text-classification pipeline nor a tokenizer "
+            f"argument.{hint} Its options: {', '.join(PIPELINE_OPTIONS)}, and the tokenizer's arguments (truncation, "
+            "max_length, padding, ...)."
+        )
 
 
 def custom_pipelines_entry() -> dict[str, dict[str, Any]]:
@@ -163,4 +236,10 @@ def register_pipeline() -> None:
     PIPELINE_TASKS_SERVED.add(TASK)
 
 
-__all__ = ["DE3TextClassificationPipeline", "custom_pipelines_entry", "is_early_exit_model", "register_pipeline"]
+__all__ = [
+    "DE3TextClassificationPipeline",
+    "custom_pipelines_entry",
+    "is_early_exit_model",
+    "padded_on_the_right",
+    "register_pipeline",
+]

@@ -6,9 +6,11 @@ An interrupted run resumes where it stopped. Rows are scored in chunks of `--chu
 go to a shard in a work folder beside the output (`<output_file>.partial/`), and after each shard a small progress
 record (`progress.json`) is replaced atomically. Run the same command again and it skips the chunks that the record
 counts as done: no row is scored twice, none is lost (a chunk cut off half way is scored again, and its half-written
-shard replaced). The record holds a fingerprint of the input file, the model's files and the arguments that decide the
-answers; a run whose fingerprint differs refuses to resume. At the end the output is written (atomically) and the
-work folder removed.
+shard replaced). The record holds a fingerprint of the input file, the model's files (less the command's own work
+folder and output, where these are inside the model's folder) and the arguments that decide the answers; a run whose
+fingerprint differs refuses to resume. A run holds the work folder's lock from start to end: a second run on the same
+output is refused at once. At the end the output is written (atomically) and the run's files removed, and the work
+folder too if a run made it (a --work_dir holding other files is refused: the command removes only what it wrote).
 
 Several processes share the work when a launcher starts them: `torchrun --nproc_per_node N -m de3_transformers
 predict ...` (or `accelerate launch`). Process `r` of `N` scores chunks `r, r + N, ...` with its own model (on
@@ -26,6 +28,7 @@ processes: a run with another number refuses to resume).
 import csv
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -34,6 +37,8 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
@@ -41,11 +46,14 @@ from .cli_errors import OutputExistsError, UsageError, parse_arguments, refusing
 from .onnx_backend import BACKENDS
 from .predict_work import (
     PROGRESS_NAME,
+    check_work_folder,
+    lock_work,
     new_record,
     read_records,
     read_shards,
     remove_work,
     sha256,
+    unlock_work,
     write_record,
     write_shard,
 )
@@ -157,9 +165,47 @@ class PredictionSummary:
 
 
 def read_table(path, file_format: str) -> datasets.Dataset:
-    """The rows of a csv, tsv, json(l) or parquet file, in file order."""
+    """The rows of a csv, tsv, json(l) or parquet file, in file order, as the file holds them now: read into memory
+    through an empty cache (`datasets` would reuse a cached copy of a file rewritten with the same modification time).
+
+    Raises:
+        UsageError: (a `ValueError`) for a file that has no rows or cannot be read as `file_format` (empty, a bad
+            json line, bytes that are not UTF-8, a column name twice).
+    """
     builder, options = _READERS[file_format]
-    return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    if file_format == "parquet":
+        try:
+            names = pq.read_schema(path).names
+        except (OSError, pa.ArrowException) as error:
+            raise UsageError(f"{path} cannot be read as a parquet file ({_one_line(error)}): pass a parquet file, or "
+                             "a file with the extension of its format.") from error
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise UsageError(f"{path} has the column(s) {twice} more than once: give each column its own name.")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # the error below says what went wrong, in one line
+    try:
+        with tempfile.TemporaryDirectory(prefix="de3-predict-read-") as cache:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
+                                         keep_in_memory=True, **options)
+    except MemoryError:
+        raise
+    except Exception as error:  # whatever the readers raise for a file they cannot read
+        if isinstance(error, ValueError) and "corresponds to no data" in str(error):  # `datasets`: no rows at all
+            raise UsageError(f"{path} has no rows: pass a file with at least one text.") from error
+        cause = error.__cause__ or error
+        if isinstance(cause, StopIteration) or "No columns to parse" in str(cause):  # an empty file
+            raise UsageError(f"{path} is empty: pass a file with a header and at least one text.") from error
+        raise UsageError(f"{path} cannot be read as a {file_format} file ({_one_line(cause)}): fix that, or pass "
+                         "the file in another format (csv, tsv, jsonl, parquet, UTF-8 text).") from error
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def write_table(dataset: datasets.Dataset, path, file_format: str) -> None:
@@ -184,9 +230,21 @@ def fingerprint(args: PredictArguments, world_size: int = 1) -> dict:
         settings["world_size"] = world_size
     settings["input_sha256"] = sha256([Path(args.input_file)])
     model = Path(args.model)
-    settings["model_sha256"] = (sha256(sorted(path for path in model.rglob("*") if path.is_file()), root=model)
-                                if model.is_dir() else args.model)
+    if model.is_dir():
+        # Not the command's own files, where the output goes into the model's folder: they change as the run goes.
+        own = [work_folder(args).resolve(), Path(args.output_file).resolve()]
+        files = sorted(path for path in model.rglob("*") if path.is_file()
+                       and not any(path.resolve() == mine or mine in path.resolve().parents for mine in own))
+        settings["model_sha256"] = sha256(files, root=model)
+    else:
+        settings["model_sha256"] = args.model
     return settings
+
+
+def work_folder(args: PredictArguments) -> Path:
+    """The work folder of a run: `--work_dir`, else `<output_file>.partial` beside the output."""
+    output = Path(args.output_file)
+    return Path(args.work_dir) if args.work_dir else output.with_name(output.name + ".partial")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
@@ -213,8 +271,10 @@ def predict(args: PredictArguments) -> PredictionSummary | None:
         UsageError: (a `ValueError`) for a text column missing or holding other values than texts (a missing value), a
             new column that is already in the input (pass --column_prefix), an empty input, exit options or a
             `max_length` the model refuses (also a `target_speedup` out of range or for a policy without a threshold),
-            or a work folder left by a run with another input, model or arguments (or, with `target_speedup`, another
-            number of processes).
+            a work folder left by a run with another input, model or arguments (or, with `target_speedup`, another
+            number of processes), a work folder holding files the command did not write, a work folder another run
+            is writing (it holds the folder's lock), an input file that cannot be read (see `read_table`), or, for a
+            tsv output, a text with a tab or line break.
         OutputExistsError: (a `UsageError` and a `FileExistsError`) when the output file exists and no run of these
             arguments is to be resumed (pass --overwrite_output_file).
         ValueError: for a model that is not a DE3 model, or a work folder whose shards do not match its records.
@@ -230,17 +290,36 @@ def predict(args: PredictArguments) -> PredictionSummary | None:
 def _predict(args: PredictArguments, processes: Processes) -> PredictionSummary | None:
     if processes.rank > 0:  # process 0 reports for all; the others print only errors
         _quiet()
-    with processes.first():  # process 0 fills the datasets cache, the others read from it
-        data = read_table(args.input_file, args.input_format)
+    data = read_table(args.input_file, args.input_format)  # each process reads the file itself (no cache is shared)
     _check_input(data, args)
-    output = Path(args.output_file)
-    work = Path(args.work_dir) if args.work_dir else output.with_name(output.name + ".partial")
+    work = work_folder(args)
+    check_work_folder(work)
     settings = fingerprint(args, processes.world_size)
-    records = read_records(work, settings)
+    _check_output(read_records(work, settings), args)  # a first look, to refuse before loading the model
+    classifier = _load_classifier(args, processes)  # refuses bad exit options before any work is saved
+    # Process 0 holds the work folder's lock for the whole run (the launched processes are one run); the others wait
+    # for it before they read the records.
+    lock, made = lock_work(work) if processes.rank == 0 else (None, False)
+    try:
+        processes.barrier()
+        records = read_records(work, settings)  # again under the lock: a run that held it may have ended meanwhile
+        _check_output(records, args)
+        own_folder = made or not args.work_dir or any(record.get("own_folder") for record in records)
+        return _run(data, classifier, work, settings, records, own_folder, processes, args)
+    finally:
+        if lock is not None:
+            unlock_work(lock)
+
+
+def _check_output(records: list[dict], args: PredictArguments) -> None:
+    output = Path(args.output_file)
     if not records and output.exists() and not args.overwrite_output_file:
         raise OutputExistsError(f"{output} exists: pass --overwrite_output_file to replace it (or another "
                                 "--output_file).")
-    classifier = _load_classifier(args, processes)  # refuses bad exit options before any work is saved
+
+
+def _run(data: datasets.Dataset, classifier: EarlyExitClassifier, work: Path, settings: dict, records: list[dict],
+         own_folder: bool, processes: Processes, args: PredictArguments) -> PredictionSummary | None:
     start_threshold = classifier.threshold
     num_chunks = -(-len(data) // args.chunk_size)
     if num_chunks < processes.world_size and processes.rank == 0:
@@ -254,7 +333,7 @@ def _predict(args: PredictArguments, processes: Processes) -> PredictionSummary 
     place = (processes.rank, processes.world_size)
     record = next((record for record in records if (record["rank"], record["world_size"]) == place), None)
     if record is None:
-        record = new_record(settings, num_chunks, *place)
+        record = new_record(settings, num_chunks, *place, own_folder=own_folder and processes.rank == 0)
     if record["budget"] is not None:  # go on as the interrupted run would have
         classifier.budget.load_state_dict(record["budget"])
     write_record(work, record)
@@ -265,7 +344,7 @@ def _predict(args: PredictArguments, processes: Processes) -> PredictionSummary 
                                math.nan if budget is None else budget.speedup])  # by rank, in process 0
     summary = None
     if processes.rank == 0:
-        predictions = _assemble(data, work, num_chunks, args)
+        predictions = _assemble(data, work, num_chunks, own_folder, args)
         summary = _summarize(predictions, counts, classifier.num_hidden_layers, start_threshold, args)
         _print_summary(summary, args)
     processes.barrier()  # so that every process returns once the output is written
@@ -331,6 +410,23 @@ def _check_input(data: datasets.Dataset, args: PredictArguments) -> None:
     if taken:
         raise UsageError(f"{args.input_file} already has the column(s) {taken}: pass --column_prefix (e.g. "
                          "predicted_) to add the predictions beside them.")
+    if args.resolved_output_format == "tsv":
+        _check_tsv_cells(data, args)
+
+
+def _check_tsv_cells(data: datasets.Dataset, args: PredictArguments) -> None:
+    """Refuses, before any scoring, a text that a tsv output cannot hold: tsv is written and read without quoting (as
+    GLUE files are), so a tab or line break in a cell would split it."""
+    for name in data.column_names:
+        column = data.data.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        found = pc.fill_null(pc.match_substring_regex(column, "[\t\n\r]"), False)
+        if pc.any(found).as_py():
+            rows = pc.indices_nonzero(found).to_pylist()
+            raise UsageError(f"Row {rows[0]} (counted from 0; {len(rows)} rows in all) of column {name!r} of "
+                             f"{args.input_file} holds a tab or line break, which a tsv output (written without "
+                             "quoting) cannot hold: pass --output_format csv, jsonl or parquet.")
 
 
 def _score_chunks(data, classifier: EarlyExitClassifier, work: Path, record: dict, chunks: list[int],
@@ -367,9 +463,10 @@ def _score_chunks(data, classifier: EarlyExitClassifier, work: Path, record: dic
     return scored, time.perf_counter() - started
 
 
-def _assemble(data: datasets.Dataset, work: Path, num_chunks: int, args: PredictArguments) -> dict:
+def _assemble(data: datasets.Dataset, work: Path, num_chunks: int, own_folder: bool, args: PredictArguments) -> dict:
     """Writes the input rows with the shards' columns added to the output file, removes the run's files from the work
-    folder, and returns the new label and exit layer columns."""
+    folder (and the folder, if `own_folder`: a run of the command made it), and returns the new label and exit layer
+    columns."""
     table = read_shards(work, num_chunks)
     if table.num_rows != len(data):
         raise ValueError(f"The shards in {work} hold {table.num_rows} rows, the input {len(data)}: remove that folder "
@@ -378,10 +475,10 @@ def _assemble(data: datasets.Dataset, work: Path, num_chunks: int, args: Predict
     scored = datasets.concatenate_datasets([data, datasets.Dataset(datasets.table.InMemoryTable(table))], axis=1)
     output = Path(args.output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = work / ("output." + args.resolved_output_format)
+    staging = work / ("predict-output." + args.resolved_output_format)
     write_table(scored, staging, args.resolved_output_format)
     os.replace(staging, output)
-    remove_work(work, num_chunks)
+    remove_work(work, num_chunks, remove_folder=own_folder)
     return table.select([args.column_prefix + name for name in ("label", "exit_layer")]).to_pydict()
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from numbers import Real
 
 import numpy as np
 import torch
@@ -75,7 +76,8 @@ class EarlyExitClassifier:
             `backend="onnxruntime"`, or exit options that `predict_early` (or the ONNX Runtime runner) refuses
             (unknown policy, parameter out of range, another policy without its threshold), a `target_speedup` out
             of range or for a policy without a threshold.
-        TypeError: for a model object given without its tokenizer, or an exit parameter given as a tensor.
+        TypeError: for a model object given without its tokenizer, an exit parameter given as a tensor, or a
+            `target_speedup` that is not a number (a bool or a string).
         OSError: when the checkpoint or its tokenizer cannot be loaded.
         ImportError: for `backend="onnxruntime"` without `onnxruntime` (install `de3-transformers[onnx]`).
     """
@@ -99,6 +101,9 @@ class EarlyExitClassifier:
         target_speedup: float | None = None,
     ):
         check_backend(backend)
+        if target_speedup is not None and (isinstance(target_speedup, bool) or not isinstance(target_speedup, Real)):
+            raise TypeError(f"target_speedup={target_speedup!r} must be a number (the layer speed-up to hold, e.g. "
+                            "2.0), or None for a fixed threshold.")
         for name, value in (("batch_size", batch_size), ("max_length", max_length),
                             ("pad_to_multiple_of", pad_to_multiple_of)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -180,8 +185,9 @@ class EarlyExitClassifier:
         Raises:
             TypeError: for another container, or a text that is not a string (a missing value: fill or drop it).
             ValueError: for `text_pairs` of another length than the texts, `text_pairs` beside a DataFrame or
-                mapping (name `text_pair_column` instead), a text column missing, a new column that is already in the
-                data (pass `column_prefix`), or what `predict_early` (or the ONNX Runtime runner) raises.
+                mapping (name `text_pair_column` instead), a text column missing or present twice, a new column
+                that is already in the data (pass `column_prefix`), or what `predict_early` (or the ONNX Runtime
+                runner) raises.
         """
         if isinstance(inputs, str):
             inputs = [inputs]
@@ -244,6 +250,10 @@ class EarlyExitClassifier:
             if name is not None and name not in columns:
                 raise ValueError(f"The batch has no column {name!r} (it has {columns}): build the classifier with "
                                  "text_column= (and text_pair_column=) naming the text columns.")
+            if name is not None and columns.count(name) > 1:
+                raise ValueError(f"The batch has {columns.count(name)} columns named {name!r}, so which one holds the "
+                                 "texts is ambiguous: rename or drop the duplicates (e.g. "
+                                 "df.loc[:, ~df.columns.duplicated()]) before classifying.")
         taken = [name for name in self.output_columns if name in columns]
         if taken:
             raise ValueError(f"The batch already has the column(s) {taken} that the predictions would replace: build "

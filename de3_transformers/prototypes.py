@@ -27,6 +27,7 @@ class PrototypeMemory(nn.Module):
         self.defer_updates = False
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._usable_state = None  # the tensors and versions `require_usable` last passed
+        self._recorded_layers = None  # `exit_layers` read to the host, with the tensor and version it was read from
 
     @property
     def all_initialized(self) -> bool:
@@ -108,18 +109,50 @@ class PrototypeMemory(nn.Module):
         pairs = {reason: [(layers[m], k) for m, k in mask.nonzero().tolist()] for reason, mask in reasons.items()}
         return {reason: found for reason, found in pairs.items() if found}
 
-    def require_usable(self) -> None:
+    def unusable_count(self) -> torch.Tensor:
+        """How many prototypes `require_usable` would refuse (uninitialised, not finite, or zero), as a 0-d tensor on
+        their device: no host synchronisation, so a caller can read it with the one it already has."""
+        prototypes = self.prototypes.float()
+        not_finite = ~torch.isfinite(prototypes.sum(dim=-1))
+        zero = (prototypes == 0).all(dim=-1)
+        return (~self.initialized | not_finite | zero).sum()
+
+    def require_exit_layers(self, config_exit_layers: list[int], num_hidden_layers: int) -> None:
+        """Checks that the config still puts the exits after the layers they were trained at (`exit_layers`, saved
+        with the weights), on every call of `forward` and `predict_early`: `config.exit_layers` may be changed after
+        loading, and each head would then read another layer than it learned. The buffer is read to the host once
+        and again only when it changes, so a call costs a comparison of two short lists.
+
+        Raises:
+            ValueError: naming both lists and the fix.
+        """
+        key = (id(self.exit_layers), self.exit_layers._version)
+        cached = self._recorded_layers
+        if cached is None or cached[0] != key:
+            cached = self._recorded_layers = (key, [*self.exit_layers.tolist(), num_hidden_layers])
+        trained_at = cached[1]
+        if list(config_exit_layers) != trained_at:
+            raise ValueError(
+                f"config.exit_layers is {list(config_exit_layers)}, but the exits were trained after layers "
+                f"{trained_at} (prototype_memory.exit_layers): each head would read another layer than it learned. "
+                f"Set model.config.exit_layers = {trained_at} again, or start from the backbone (from_backbone) and "
+                "train exits at the layers you want."
+            )
+
+    def require_usable(self, recheck: bool = False) -> None:
         """Checks that every prototype was set by training and holds finite, non-zero values, before anything reads
         the distance ratio (`predict_early`, calibration). A passed check is remembered until the prototypes or the
-        mask change (in place, by a load, or by moving the model), so serving pays for it once.
+        mask change (in place, by a load, or by moving the model), so serving pays for it once; `recheck=True`
+        checks anew (a change through `.data` leaves the version counter as it was).
 
         Raises:
             RuntimeError: naming the (layer, class) pairs that are unusable, why, and what to do.
         """
         # Tensor version counters go up with every in-place change; moving or loading makes new tensors.
         state = (id(self.prototypes), self.prototypes._version, id(self.initialized), self.initialized._version)
-        if state == self._usable_state:
+        if state == self._usable_state and not recheck:
             return
+        self._usable_state = None
         invalid = self.invalid_pairs()
         if not invalid:
             self._usable_state = state
