@@ -11,7 +11,6 @@ of the seven graphs loaded at init took about 0.5 s against 0.73 s for loading t
 size and id checks take well under 1 ms.
 """
 
-import json
 import re
 from pathlib import Path
 
@@ -38,9 +37,9 @@ def exit_graph_count(folder: Path) -> int:
     return len(numbers)
 
 
-def check_export(folder: Path, settings: dict, settings_name: str) -> None:
-    """Checks that the settings (`settings_name`, read into `settings`) agree with the graph files present, with
-    `config.json` and with the manifest.
+def check_export(folder: Path, settings: dict, settings_name: str, model_config: dict) -> None:
+    """Checks that the settings (`settings_name`, read into `settings`) agree with the graph files present, with the
+    model's `config.json` (read into `model_config`; empty where the folder has none) and with the manifest.
 
     Raises:
         ExportMismatchError: for `exit_layers` that are not increasing layers ending at `num_hidden_layers`, or whose
@@ -57,13 +56,10 @@ def check_export(folder: Path, settings: dict, settings_name: str) -> None:
         raise ExportMismatchError(f"{folder / settings_name} has exit_layers={layers} ({len(layers)} exits) but the "
                                   f"folder holds {count} exit graphs (exit_0.onnx ...): the graphs were exported for "
                                   f"other exits; {_EXPORT_AGAIN}.")
-    config_path = folder / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        for key in ("exit_layers", "num_hidden_layers", "num_labels"):
-            if key in config and config[key] != settings.get(key):
-                raise ExportMismatchError(f"{folder / settings_name} has {key}={settings.get(key)!r} but config.json "
-                                          f"has {config[key]!r}: one of them was edited; {_EXPORT_AGAIN}.")
+    for key in ("exit_layers", "num_hidden_layers", "num_labels"):
+        if key in model_config and model_config[key] != settings.get(key):
+            raise ExportMismatchError(f"{folder / settings_name} has {key}={settings.get(key)!r} but config.json "
+                                      f"has {model_config[key]!r}: one of them was edited; {_EXPORT_AGAIN}.")
     for name, size in settings.get("files", {}).items():
         path = folder / name
         if not path.is_file():

@@ -79,14 +79,16 @@ class OnnxEarlyExitClassifier:
                 f"{folder} holds no {ONNX_CONFIG_NAME}: write it with de3_transformers.export_onnx.")
         self.folder = folder
         self.config = json.loads((folder / ONNX_CONFIG_NAME).read_text())
-        check_export(folder, self.config, ONNX_CONFIG_NAME)
+        model_config_path = folder / "config.json"
+        model_config = json.loads(model_config_path.read_text()) if model_config_path.is_file() else {}
+        check_export(folder, self.config, ONNX_CONFIG_NAME, model_config)
         self.id2label = {int(index): name for index, name in self.config["id2label"].items()}
         options, providers = session_options(threads), providers or ["CPUExecutionProvider"]
         self.embeddings = self._session(folder / "embeddings.onnx", options, providers)
         self.exits = [self._session(folder / f"exit_{index}.onnx", options, providers)
                       for index in range(len(self.config["exit_layers"]))]
         check_num_labels(self.exits[-1], folder / f"exit_{len(self.exits) - 1}.onnx", self.config)
-        self.limits = self._limits()
+        self.limits = self._limits(model_config)
         self.input_names = [[tensor.name for tensor in session.get_inputs()] for session in self.exits]
         self.output_names = [[tensor.name for tensor in session.get_outputs()] for session in self.exits]
         self._tokenizer, self._one_text, self._session_args = None, None, (threads, providers)
@@ -110,11 +112,10 @@ class OnnxEarlyExitClassifier:
         check_graph(session, path, self.config)
         return session
 
-    def _limits(self) -> dict:
+    def _limits(self, model_config: dict) -> dict:
         """What the input checks read: the sizes from the settings, or for an export written before they were
-        recorded there, from its `config.json` (not checked when neither has them)."""
-        config_path, config = self.folder / "config.json", self.config
-        model_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        recorded there, from its `config.json` (`model_config`; not checked when neither has them)."""
+        config = self.config
         return {"max_sequence_length": config["max_sequence_length"],
                 **{key: config.get(key, model_config.get(key)) for key in ("vocab_size", "type_vocab_size")}}
 

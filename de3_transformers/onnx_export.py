@@ -162,28 +162,26 @@ def export_onnx(model, save_directory, tokenizer=None, opset: int = OPSET, one_t
         RuntimeError: for prototypes marked set that are not usable (not finite, or zero), as `predict_early`.
     """
     require("onnx", extra="onnx", feature="export_onnx")
-    from .onnx_one_text import ONE_TEXT_GRAPH, RULE_POLICIES, write_one_text_graph  # it builds graphs with onnx
-
-    config = model.config
     if model.dtype != torch.float32:
         raise ValueError(f"export_onnx exports float32 weights; this model is {model.dtype}: call model.float() first.")
     if model.prototype_memory.all_initialized:
         model.prototype_memory.require_usable()  # baked into the graphs: a bad prototype must not get that far
-    one_text_graph = one_text_graph and config.early_exit_policy in RULE_POLICIES
     target = Path(save_directory)
     target.mkdir(parents=True, exist_ok=True)
     # Beside the target, so that moving the files in is a rename on the same file system.
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.export-", dir=target.parent) as temporary:
         folder = Path(temporary)
-        _write_export(model, folder, tokenizer, opset, one_text_graph, write_one_text_graph, ONE_TEXT_GRAPH)
+        _write_export(model, folder, tokenizer, opset, one_text_graph)
         _move_in(folder, target)
     return target
 
 
-def _write_export(model, folder: Path, tokenizer, opset: int, one_text_graph: bool, write_one_text_graph,
-                  one_text_name: str) -> None:
+def _write_export(model, folder: Path, tokenizer, opset: int, one_text_graph: bool) -> None:
     """Writes the whole export into `folder` (a fresh temporary one), `de3_onnx.json` with its manifest included."""
+    from .onnx_one_text import ONE_TEXT_GRAPH, RULE_POLICIES, write_one_text_graph  # it builds graphs with onnx
+
     config = model.config
+    one_text_graph = one_text_graph and config.early_exit_policy in RULE_POLICIES
     device, training, attention = model.device, model.training, config._attn_implementation
     # Each graph builds an additive mask from `attention_mask`, which the eager attention reads as it is.
     model.set_attn_implementation("eager")
@@ -220,7 +218,7 @@ def _write_export(model, folder: Path, tokenizer, opset: int, one_text_graph: bo
         "early_exit_patience": config.early_exit_patience,
         "pad_token_id": config.pad_token_id,
         "max_sequence_length": model.max_sequence_length,
-        "one_text_graph": one_text_name if one_text_graph else None,
+        "one_text_graph": ONE_TEXT_GRAPH if one_text_graph else None,
         "one_text_policy": config.early_exit_policy if one_text_graph else None,
         # What the runner's input and parameter checks read (`de3_onnx.checks`), as `predict_early` checks them.
         "vocab_size": config.vocab_size,

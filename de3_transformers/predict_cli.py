@@ -53,6 +53,7 @@ from .predict_work import (
     read_shards,
     remove_work,
     sha256,
+    staging_path,
     unlock_work,
     write_record,
     write_shard,
@@ -475,7 +476,7 @@ def _assemble(data: datasets.Dataset, work: Path, num_chunks: int, own_folder: b
     scored = datasets.concatenate_datasets([data, datasets.Dataset(datasets.table.InMemoryTable(table))], axis=1)
     output = Path(args.output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = work / ("predict-output." + args.resolved_output_format)
+    staging = staging_path(work, args.resolved_output_format)
     write_table(scored, staging, args.resolved_output_format)
     os.replace(staging, output)
     remove_work(work, num_chunks, remove_folder=own_folder)

@@ -27,9 +27,10 @@ from .cli_errors import UsageError
 PROGRESS_NAME = "progress.json"
 _RECORD_PATTERN = "progress-rank*-of-*.json"
 LOCK_NAME = "lock"
+_OUTPUT_STEM = "predict-output"
 # The names of the files a run writes in its work folder (each also as `<name>.tmp` while being written).
 _OWN_NAMES = re.compile(r"(progress\.json|progress-rank\d+-of-\d+\.json|chunk-\d{6,}\.parquet|lock|"
-                        r"predict-output\.\w+)(\.tmp)?")
+                        rf"{_OUTPUT_STEM}\.\w+)(\.tmp)?")
 
 
 def record_name(rank: int, world_size: int) -> str:
@@ -181,6 +182,11 @@ def remove_work(work: Path, num_chunks: int, remove_folder: bool = True) -> None
             pass
 
 
+def staging_path(work: Path, file_format: str) -> Path:
+    """Where the output is written before it is moved to `--output_file`."""
+    return work / f"{_OUTPUT_STEM}.{file_format}"
+
+
 def shard_path(work: Path, index: int) -> Path:
     return work / f"chunk-{index:06d}.parquet"
 
@@ -209,5 +215,5 @@ def sha256(paths: list[Path], root: Path | None = None) -> str:
 
 
 __all__ = ["LOCK_NAME", "PROGRESS_NAME", "check_work_folder", "lock_work", "new_record", "read_records", "read_shards",
-           "record_name", "remove_work", "sha256", "shard_path", "unlock_work", "write_atomically", "write_record",
-           "write_shard"]
+           "record_name", "remove_work", "sha256", "shard_path", "staging_path", "unlock_work", "write_atomically",
+           "write_record", "write_shard"]

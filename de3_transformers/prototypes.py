@@ -98,24 +98,26 @@ class PrototypeMemory(nn.Module):
         training), `"not finite"` (NaN or inf) and `"zero"` (a zero vector marked initialised, which no class mean
         gives: its cosine distance says nothing). Empty when every prototype is usable; one host synchronisation then.
         """
-        prototypes = self.prototypes.float()
-        not_finite = ~torch.isfinite(prototypes.sum(dim=-1))  # a sum is finite exactly when every term is
-        zero = (prototypes == 0).all(dim=-1) & self.initialized
-        bad = ~self.initialized | not_finite | zero
-        if not bad.any():
+        reasons = self._unusable()
+        if not _union(reasons).any():
             return {}
         layers = self.exit_layers.tolist()
-        reasons = {"uninitialised": ~self.initialized, "not finite": not_finite, "zero": zero}
         pairs = {reason: [(layers[m], k) for m, k in mask.nonzero().tolist()] for reason, mask in reasons.items()}
         return {reason: found for reason, found in pairs.items() if found}
 
     def unusable_count(self) -> torch.Tensor:
         """How many prototypes `require_usable` would refuse (uninitialised, not finite, or zero), as a 0-d tensor on
         their device: no host synchronisation, so a caller can read it with the one it already has."""
+        return _union(self._unusable()).sum()
+
+    def _unusable(self) -> dict[str, torch.Tensor]:
+        """`[exits, classes]` masks of the prototypes that cannot be used, by reason (see `invalid_pairs`)."""
         prototypes = self.prototypes.float()
-        not_finite = ~torch.isfinite(prototypes.sum(dim=-1))
-        zero = (prototypes == 0).all(dim=-1)
-        return (~self.initialized | not_finite | zero).sum()
+        return {
+            "uninitialised": ~self.initialized,
+            "not finite": ~torch.isfinite(prototypes.sum(dim=-1)),  # a sum is finite exactly when every term is
+            "zero": (prototypes == 0).all(dim=-1) & self.initialized,
+        }
 
     def require_exit_layers(self, config_exit_layers: list[int], num_hidden_layers: int) -> None:
         """Checks that the config still puts the exits after the layers they were trained at (`exit_layers`, saved
@@ -198,6 +200,11 @@ class PrototypeMemory(nn.Module):
 def _describe(pairs: list[tuple[int, int]]) -> str:
     shown = ", ".join(f"(layer {layer}, class {label})" for layer, label in pairs[:6])
     return shown + (", ..." if len(pairs) > 6 else "")
+
+
+def _union(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where any of the boolean `masks` holds."""
+    return torch.stack(list(masks.values())).any(dim=0)
 
 
 def describe_problems(problems: dict[str, list[tuple[int, int]]]) -> str:
